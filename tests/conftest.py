@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny Qwen-VL-shaped configs and a runner for a fresh Python process without `qwenvl`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REFERENCE = SHARED / "reference" / "qwen-vl"
+
+# Runs first in the child: makes `import qwenvl` fail, so only the files saved next to the weights can be used.
+_BLOCK_QWENVL = """
+import sys
+class _BlockQwenVL:
+    def find_spec(self, name, path=None, target=None):
+        if name == "qwenvl" or name.startswith("qwenvl."):
+            raise ImportError("qwenvl is deliberately not importable in this process")
+        return None
+sys.meta_path.insert(0, _BlockQwenVL())
+"""
+
+
+def tiny_config_kwargs(**overrides) -> dict:
+    """A ~0.2M-parameter model with the release's structure (vocab 320: specials at 300..)."""
+    kwargs = dict(
+        vocab_size=320,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        kv_channels=16,
+        intermediate_size=128,
+        seq_length=64,
+        visual=dict(image_size=28, patch_size=14, width=32, layers=2, heads=4, mlp_ratio=2.0, output_dim=64,
+                    image_start_id=300, n_queries=4),
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+@pytest.fixture
+def tiny_config():
+    from qwenvl import QwenVLConfig
+
+    return QwenVLConfig(**tiny_config_kwargs())
+
+
+@pytest.fixture
+def run_isolated(tmp_path):
+    """Run Python code in a fresh interpreter in which `qwenvl` cannot be imported; return its stdout."""
+
+    def run(code: str, timeout: int = 240) -> str:
+        script = tmp_path / "isolated_child.py"
+        script.write_text(_BLOCK_QWENVL + textwrap.dedent(code))
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+        env["HF_HUB_OFFLINE"] = "1"
+        proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        if proc.returncode != 0:
+            raise AssertionError(f"isolated process failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc.stdout
+
+    return run
