@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -18,6 +19,77 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_for_inference(model_dir: str, device: str, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch_dtype).to(device)
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    return model.eval(), processor
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import torch
+
+    from .grounding import draw_boxes
+    from .inference import ImageFileError, load_image_file, response_boxes
+
+    try:
+        images = [load_image_file(path) for path in args.image]
+    except ImageFileError as err:
+        print(f"qwenvl chat: error: {err}", file=sys.stderr)
+        return 2
+    if args.draw and not images:
+        print("qwenvl chat: error: --draw needs an --image to draw on", file=sys.stderr)
+        return 2
+    if not os.path.isdir(args.model):
+        print(f"qwenvl chat: error: model folder not found: {args.model}", file=sys.stderr)
+        return 2
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model, processor = _load_for_inference(args.model, args.device, args.dtype)
+    generate_kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
+    if args.do_sample:
+        generate_kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    else:
+        generate_kwargs.update(temperature=None, top_p=None, top_k=None)
+
+    def draw(response: str) -> None:
+        if args.draw and response_boxes(response, images[-1]):
+            draw_boxes(images[-1], response).save(args.draw)
+            print(f"[boxes drawn to {args.draw}]", file=sys.stderr)
+
+    if args.question:
+        response, _ = model.chat(processor, " ".join(args.question), images=images, system=args.system,
+                                 **generate_kwargs)
+        print(response)
+        draw(response)
+        return 0
+
+    print("Interactive chat. Empty line or :q to quit, :clear to start over.", file=sys.stderr)
+    history, pending_images = None, images
+    while True:
+        try:
+            query = input("User: ").strip()
+        except EOFError:
+            break
+        if query in ("", ":q", ":quit"):
+            break
+        if query == ":clear":
+            history, pending_images = None, images
+            continue
+        print("Assistant: ", end="", flush=True)
+        stream = model.chat(processor, query, images=pending_images, history=history, system=args.system,
+                            stream=True, **generate_kwargs)
+        for delta in stream:
+            print(delta, end="", flush=True)
+        print()
+        history, pending_images = stream.history, None
+        draw(stream.response)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenvl", description="Qwen-VL for transformers 5")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -27,6 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="new output folder")
     p.add_argument("--max-shard-size", default="5GB")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("chat", help="chat with a model about images (one answer, or interactive when no question)")
+    p.add_argument("question", nargs="*", help="the question; omit it for an interactive, streamed session")
+    p.add_argument("--model", required=True, help="a saved qwenvl model folder (model + processor)")
+    p.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    p.add_argument("--draw", metavar="OUT.png", help="draw the boxes of the answer on the last image")
+    p.add_argument("--system", default=None, help="system message (default: the original's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.3)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=_chat)
     return parser
 
 

@@ -31,6 +31,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_qwenvl import QwenVLConfig
+from .generation_qwenvl import QwenVLChatMixin
 
 IMAGE_MISMATCH = "Image features and image tokens do not match"
 
@@ -572,7 +573,7 @@ class QwenVLModel(QwenVLPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.ln_f(hidden_states), cache=cache)
 
 
-class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
+class QwenVLForConditionalGeneration(QwenVLChatMixin, QwenVLPreTrainedModel, GenerationMixin):
     """Qwen-VL with its (untied) LM head: training loss, `generate`, and the chat helpers."""
 
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
