@@ -1,15 +1,30 @@
 """qwenvl: a Hugging Face-native Qwen-VL (remote-code model, processor, training, RLHF)."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
-from transformers import AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoModelForSequenceClassification,
+    AutoProcessor,
+    AutoTokenizer,
+)
 
 from .configuration_qwenvl import QwenVLConfig
+from .convert import convert_official_checkpoint
+from .data.official import load_official_finetune_json, write_official_finetune_json
+from .grounding import draw_boxes, format_box, parse_boxes, parse_quads
+from .image_processing_qwenvl import QwenVLImageProcessor
+from .inference import response_boxes
 from .modeling_qwenvl import (
     QwenVLForConditionalGeneration,
     QwenVLForSequenceClassification,
     QwenVLModel,
     QwenVLPreTrainedModel,
 )
+from .processing_qwenvl import QwenVLProcessor
+from .tokenization_qwenvl import QwenVLTokenizerFast, escape_special_tokens, train_tokenizer
 
 __version__ = "0.1.0"
 
@@ -24,6 +39,9 @@ def _register() -> None:
         (AutoModelForSequenceClassification, QwenVLForSequenceClassification),
     ):
         auto.register(QwenVLConfig, cls, exist_ok=True)
+    AutoTokenizer.register(QwenVLConfig, fast_tokenizer_class=QwenVLTokenizerFast, exist_ok=True)
+    AutoImageProcessor.register(QwenVLConfig, image_processor_classes={"pil": QwenVLImageProcessor}, exist_ok=True)
+    AutoProcessor.register(QwenVLConfig, QwenVLProcessor, exist_ok=True)
     QwenVLConfig.register_for_auto_class()
     QwenVLModel.register_for_auto_class("AutoModel")
     QwenVLForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
@@ -33,6 +51,19 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "QwenVLTokenizerFast",
+    "QwenVLImageProcessor",
+    "QwenVLProcessor",
+    "train_tokenizer",
+    "escape_special_tokens",
+    "load_official_finetune_json",
+    "write_official_finetune_json",
+    "parse_quads",
+    "convert_official_checkpoint",
+    "draw_boxes",
+    "format_box",
+    "parse_boxes",
+    "response_boxes",
     "QwenVLConfig",
     "QwenVLModel",
     "QwenVLPreTrainedModel",

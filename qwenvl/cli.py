@@ -90,6 +90,45 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .eval.report import write_report
+    from .eval.runner import evaluate_model, evaluate_reward_model
+
+    if not os.path.isfile(args.data):
+        print(f"qwenvl eval: error: data file not found: {args.data}", file=sys.stderr)
+        return 2
+    if not os.path.isdir(args.model):
+        print(f"qwenvl eval: error: model folder not found: {args.model}", file=sys.stderr)
+        return 2
+    try:
+        if args.reward_model:
+            from transformers import AutoModelForSequenceClassification, AutoProcessor
+
+            model = AutoModelForSequenceClassification.from_pretrained(args.model, trust_remote_code=True)
+            processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+            result = evaluate_reward_model(model.to(args.device).eval(), processor, args.data, args.batch_size,
+                                           args.limit)
+        else:
+            model, processor = _load_for_inference(args.model, args.device, args.dtype)
+            result = evaluate_model(model, processor, args.data, args.batch_size, args.max_new_tokens, args.limit)
+    except ValueError as err:
+        print(f"qwenvl eval: error: {err}", file=sys.stderr)
+        return 2
+    report = {"model": os.path.abspath(args.model), "data": os.path.abspath(args.data), "n": result["n"],
+              "metrics": result["metrics"]}
+    if args.out:
+        write_report(args.out, report["metrics"], metadata={k: v for k, v in report.items() if k != "metrics"})
+        if "predictions" in result:
+            with open(os.path.splitext(args.out)[0] + ".predictions.json", "w", encoding="utf-8") as f:
+                json.dump(result["predictions"], f, indent=1, ensure_ascii=False)
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenvl", description="Qwen-VL for transformers 5")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=_chat)
+
+    p = sub.add_parser("eval", help="score a model on a samples.jsonl (or a reward model on a preference.jsonl)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="<split>_samples.jsonl, or <split>_preference.jsonl with --reward-model")
+    p.add_argument("--reward-model", action="store_true", help="evaluate a reward model's pairwise accuracy")
+    p.add_argument("--out", help="write the JSON report here (and the predictions next to it)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    p.set_defaults(func=_eval)
     return parser
 
 

@@ -96,11 +96,11 @@ class QwenVLChatMixin:
         for block, feature in zip(todo, features):
             block["features"] = feature
 
-    def _prepare(self, processor, conversations: list[list[dict]]) -> dict:
+    def _prepare(self, processor, conversations: list[list[dict]], trusted_text: bool = False) -> dict:
         blocks = [block for conv in conversations for block in _image_blocks(conv)]
         self._encode_images(processor, blocks)
-        texts = [processor.apply_chat_template(_template_view(conv), tokenize=False, add_generation_prompt=True)
-                 for conv in conversations]
+        texts = [processor.apply_chat_template(_template_view(conv), tokenize=False, add_generation_prompt=True,
+                                               trusted_text=trusted_text) for conv in conversations]
         # Features are already computed, so the spans are expanded here and only the text is tokenised.
         span = "<img>" + "<imgpad>" * self.config.num_image_tokens + "</img>"
         texts = [text.replace("<img></img>", span) for text in texts]
@@ -130,17 +130,20 @@ class QwenVLChatMixin:
         history: list[dict] | None = None,
         system: str | None = None,
         stream: bool = False,
+        trusted_text: bool = False,
         **generate_kwargs,
     ) -> tuple[str, list[dict]] | ChatStream:
         """Answer `query` about `images` (objects, never paths read from text), continuing `history`.
 
         Returns `(response, history)` where history gains the user and assistant turns; with `stream=True`, a
-        `ChatStream` yielding text deltas whose concatenation equals the non-streamed response.
+        `ChatStream` yielding text deltas whose concatenation equals the non-streamed response. Special-token strings
+        typed in the query stay plain text; `trusted_text=True` parses grounding tags (`<ref>`, `<box>`) in it, as the
+        original grounding prompts need.
         """
         history = list(history or [])
         messages = ([{"role": "system", "content": system}] if system is not None and not history else []) + history
         messages.append(user_message(query, _as_list(images)))
-        inputs = self._prepare(processor, [messages])
+        inputs = self._prepare(processor, [messages], trusted_text)
         kwargs = self._generate_kwargs(processor.tokenizer, generate_kwargs)
         prompt_length = inputs["input_ids"].shape[1]
 
@@ -178,6 +181,7 @@ class QwenVLChatMixin:
         images: Sequence[Any] | None = None,
         histories: Sequence[list[dict] | None] | None = None,
         system: str | None = None,
+        trusted_text: bool = False,
         **generate_kwargs,
     ) -> tuple[list[str], list[list[dict]]]:
         """Many conversations in one left-padded `generate`; greedy results equal separate `chat` calls."""
@@ -191,7 +195,7 @@ class QwenVLChatMixin:
             history = list(history or [])
             messages = ([{"role": "system", "content": system}] if system is not None and not history else []) + history
             conversations.append(messages + [user_message(query, _as_list(imgs))])
-        inputs = self._prepare(processor, conversations)
+        inputs = self._prepare(processor, conversations, trusted_text)
         output = self.generate(**inputs, **self._generate_kwargs(processor.tokenizer, generate_kwargs))
         prompt_length = inputs["input_ids"].shape[1]
         responses = [self._decode(processor.tokenizer, row[prompt_length:].tolist()) for row in output]

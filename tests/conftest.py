@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+
+# Tiny test models are dominated by per-op overhead: one intra-op thread is faster and immune to oversubscription
+# (child processes inherit it through the environment).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import subprocess
 import sys
 import textwrap
@@ -10,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -105,3 +105,25 @@ def test_convert_console_command(tmp_path):
     again = subprocess.run([sys.executable, "-m", "qwenvl.cli", "convert", str(tmp_path / "snap"),
                             str(tmp_path / "out")], capture_output=True, text=True)
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_converted_folder_is_one_repo_with_the_real_tokenizer_and_processor(tmp_path):
+    write_original_snapshot(tmp_path / "snap")
+    shutil.copy(REFERENCE / "qwen.tiktoken", tmp_path / "snap")
+    out = convert_official_checkpoint(tmp_path / "snap", tmp_path / "out")
+    assert {"tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja",
+            "processing_qwenvl.py", "tokenization_qwenvl.py"} <= {p.name for p in out.iterdir()}
+
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    assert processor.tokenizer.convert_tokens_to_ids(["<img>", "</img>", "<imgpad>"]) == [151857, 151858, 151859]
+    assert processor.num_image_tokens == model.config.visual["n_queries"] == 256
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[[Image.new("RGB", (50, 40), "red")]], return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 28, 28)
+    logits = model(**inputs).logits
+    assert logits.shape == (1, inputs["input_ids"].shape[1], 151936) and torch.isfinite(logits).all()
