@@ -10,7 +10,7 @@ install:
 	$(PIP) install -q -e ".[test,demo]"
 
 demo: install
-	$(PYTHON) examples/quickstart.py --out outputs/quickstart
+	$(PYTHON) -m qwenvl.cli demo --out demo_out
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -56,13 +56,14 @@ def _chat(args: argparse.Namespace) -> int:
         generate_kwargs.update(temperature=None, top_p=None, top_k=None)
 
     def draw(response: str) -> None:
-        if args.draw and response_boxes(response, images[-1]):
+        if args.draw:
+            n_boxes = len(response_boxes(response, images[-1]))
             draw_boxes(images[-1], response).save(args.draw)
-            print(f"[boxes drawn to {args.draw}]", file=sys.stderr)
+            print(f"[{n_boxes} box(es) drawn to {args.draw}]", file=sys.stderr)
 
     if args.question:
         response, _ = model.chat(processor, " ".join(args.question), images=images, system=args.system,
-                                 **generate_kwargs)
+                                 trusted_text=args.trusted_text, **generate_kwargs)
         print(response)
         draw(response)
         return 0
@@ -81,7 +82,7 @@ def _chat(args: argparse.Namespace) -> int:
             continue
         print("Assistant: ", end="", flush=True)
         stream = model.chat(processor, query, images=pending_images, history=history, system=args.system,
-                            stream=True, **generate_kwargs)
+                            stream=True, trusted_text=args.trusted_text, **generate_kwargs)
         for delta in stream:
             print(delta, end="", flush=True)
         print()
@@ -129,6 +130,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device)
+    print(f"report: {os.path.join(args.out, 'report.md')}; final checkpoint: {os.path.join(args.out, 'final')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenvl", description="Qwen-VL for transformers 5")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     p.add_argument("--draw", metavar="OUT.png", help="draw the boxes of the answer on the last image")
     p.add_argument("--system", default=None, help="system message (default: the original's)")
+    p.add_argument("--trusted-text", action="store_true",
+                   help="parse grounding tags typed in the question, e.g. the original prompt '<ref>the cat</ref>'")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -166,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("demo", help="the embedded end-to-end demo: data, stage 1, stage 2, reward model, PPO, eval")
+    p.add_argument("--out", default="demo_out", help="output folder (a re-run continues from finished stages)")
+    p.add_argument("--quick", action="store_true", help="a reduced size (CI): every stage runs, numbers are small")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_demo)
     return parser
 
 

@@ -68,6 +68,8 @@ def evaluate_model(model, processor, samples_path: str | Path, batch_size: int =
     rows = load_jsonl(path)[:limit]
     answers = generate_answers(model, processor, rows, path.parent, batch_size, max_new_tokens, source=str(path))
     metrics = evaluate_predictions(rows, answers)
+    metrics["answer_nll"] = {"mean": answer_loss(model, processor, rows, path.parent, batch_size, str(path)),
+                             "n": len(rows)}
     return {"metrics": metrics, "n": len(rows), "predictions": {row["id"]: a for row, a in zip(rows, answers)}}
 
 
@@ -103,3 +105,28 @@ def evaluate_reward_model(reward_model, processor, preference_path: str | Path, 
     chosen = score_conversations(reward_model, processor, prompts, [r["chosen"] for r in rows], images, batch_size)
     rejected = score_conversations(reward_model, processor, prompts, [r["rejected"] for r in rows], images, batch_size)
     return {"metrics": {"reward": pairwise_accuracy(chosen, rejected)}, "n": len(rows)}
+
+
+@torch.no_grad()
+def answer_loss(model, processor, rows: Sequence[Mapping[str, Any]], image_root: str | Path, batch_size: int = 16,
+                source: str = "data") -> float:
+    """Mean per-token cross-entropy of the reference answers (teacher forcing): a sensitive measure of learning."""
+    from ..train import QwenVLDataCollator
+
+    collator = QwenVLDataCollator(processor)
+    root = Path(image_root)
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        images = _load_images(chunk, root, source)
+        batch = collator([
+            {"images": [image], "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["prompt"]}]},
+                {"role": "assistant", "content": row["answer"]}]}
+            for row, image in zip(chunk, images)
+        ])
+        n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+        loss = model(**batch).loss
+        total += float(loss) * n_tokens
+        count += n_tokens
+    return total / max(count, 1)

@@ -1,0 +1,338 @@
+"""`qwenvl demo`: the whole mission on one CPU, with no downloads.
+
+data → tokenizer → stage 1 (adapter only) → stage 2 (multi-task SFT) → reward model → PPO-ptx → evaluation after
+every stage, written to an output folder as `report.md`, `loss.png`, `grounding.png` and a hub-ready final checkpoint.
+Each finished stage leaves `<stage>/done.json`; a re-run continues after the last finished stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "demo.json"
+STAGES = ("data", "init", "pretrain", "sft", "reward", "ppo")
+
+
+@dataclass
+class DemoPaths:
+    root: Path
+
+    def __getattr__(self, name: str) -> Path:  # out/data, out/pretrain, ...
+        return self.root / name
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+
+def _log(message: str) -> None:
+    print(f"[qwenvl demo] {message}", flush=True)
+
+
+def _done(folder: Path) -> dict | None:
+    marker = folder / "done.json"
+    return json.loads(marker.read_text()) if marker.exists() else None
+
+
+def _finish(folder: Path, record: dict) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "done.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+    os.replace(tmp, folder / "done.json")
+    return record
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    from .eval import load_jsonl
+
+    return load_jsonl(path)
+
+
+def _training_arguments(folder: Path, recipe: dict, seed: int, device: str, bf16: bool, **extra):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(folder / "trainer"),
+        max_steps=recipe["max_steps"],
+        per_device_train_batch_size=recipe["batch_size"],
+        learning_rate=recipe["learning_rate"],
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        weight_decay=0.0,
+        adam_beta2=0.98,
+        max_grad_norm=1.0,
+        logging_steps=max(1, recipe["max_steps"] // 50),
+        save_strategy="no",
+        report_to=[],
+        bf16=bf16,
+        use_cpu=device == "cpu",
+        seed=seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+def _sft_rows(data_dir: Path, split: str, tasks: tuple[str, ...] | None = None) -> list[dict]:
+    """Rows `{images: [path], messages: [...]}` read through the original finetune JSON (the format users bring)."""
+    from .data.official import load_official_finetune_json
+
+    rows = load_official_finetune_json(data_dir / f"{split}.json", data_dir)
+    if tasks is None:
+        return rows
+    task_of = {sample["id"]: sample["task"] for sample in _read_jsonl(data_dir / f"{split}_samples.jsonl")}
+    return [row for row in rows if task_of[row["id"]] in tasks]
+
+
+def _losses(log_history: list[dict], key: str = "loss") -> list[tuple[int, float]]:
+    return [(entry["step"], entry[key]) for entry in log_history if key in entry and "step" in entry]
+
+
+class Demo:
+    """Runs the stages in order, skipping finished ones. `quick=True` is the reduced size CI runs."""
+
+    def __init__(self, out: str | os.PathLike, quick: bool = False, seed: int = 0, device: str = "cpu",
+                 bf16: bool | None = None):
+        spec = json.loads(CONFIG_PATH.read_text())
+        self.model_spec = spec["model"]
+        self.recipe = spec["quick" if quick else "full"]
+        self.quick = quick
+        self.seed = seed
+        self.device = device
+        self.bf16 = (device == "cpu" and not quick) if bf16 is None else bf16
+        self.paths = DemoPaths(Path(out))
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.records: dict[str, dict] = {}
+        self._processor = None
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Stages
+    # ---------------------------------------------------------------------------------------------------------
+
+    def stage_data(self) -> dict:
+        from .data.synthetic import generate_dataset
+
+        data = self.recipe["data"]
+        generate_dataset(self.paths.data, data["n_train"], data["n_val"], data["n_test"], image_size=data["canvas"],
+                         seed=self.seed)
+        return {"n_train_scenes": data["n_train"], "n_test_scenes": data["n_test"]}
+
+    def stage_init(self) -> dict:
+        from . import QwenVLConfig, QwenVLForConditionalGeneration
+        from .testing import processor_for_config
+        from .tokenization_qwenvl import train_tokenizer
+
+        rows = _read_jsonl(self.paths.data / "train_samples.jsonl")
+        texts = [f"{row['prompt']} {row['answer']}" for row in rows]
+        tokenizer = train_tokenizer(texts, vocab_size=self.recipe["tokenizer_vocab_size"])
+        eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        spec = json.loads(json.dumps(self.model_spec))
+        spec["visual"]["image_start_id"] = tokenizer.convert_tokens_to_ids("<img>")
+        config = QwenVLConfig(vocab_size=len(tokenizer), pad_token_id=eos, eos_token_id=eos, **spec)
+        torch.manual_seed(self.seed)
+        model = QwenVLForConditionalGeneration(config)
+        model.generation_config.eos_token_id = [eos, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        model.generation_config.pad_token_id = eos
+        processor = processor_for_config(tokenizer, config)
+        model.save_pretrained(self.paths.init)
+        processor.save_pretrained(self.paths.init)
+        return {"parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
+                "metrics": self.evaluate(self.paths.init)}
+
+    def _train_sft(self, source: Path, folder: Path, stage: str, recipe: dict, tasks: tuple[str, ...] | None) -> dict:
+        from transformers import AutoModelForCausalLM
+
+        from .train import QwenVLDataCollator, QwenVLTrainer, apply_stage
+
+        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, dtype=torch.float32)
+        processor = self.processor(source)
+        table = apply_stage(model, stage, verbose=True)
+        rows = _sft_rows(self.paths.data, "train", tasks)
+        trainer = QwenVLTrainer(
+            model=model,
+            args=_training_arguments(folder, recipe, self.seed, self.device, self.bf16),
+            train_dataset=rows,
+            data_collator=QwenVLDataCollator(processor),
+            processing_class=processor,
+            model_card={"stage": stage, "table": table},
+        )
+        result = trainer.train()
+        trainer.save_model(str(folder))
+        processor.save_pretrained(folder)
+        return {"train_loss": result.training_loss, "losses": _losses(trainer.state.log_history),
+                "n_rows": len(rows), "metrics": self.evaluate(folder)}
+
+    def stage_pretrain(self) -> dict:
+        return self._train_sft(self.paths.init, self.paths.pretrain, "pretrain", self.recipe["pretrain"],
+                               tasks=("caption",))
+
+    def stage_sft(self) -> dict:
+        return self._train_sft(self.paths.pretrain, self.paths.sft, "multitask", self.recipe["sft"], tasks=None)
+
+    def _preference_rows(self, split: str, limit: int | None = None):
+        from datasets import Dataset
+        from PIL import Image
+
+        rows = []
+        for row in _read_jsonl(self.paths.data / f"{split}_preference.jsonl")[:limit]:
+            with Image.open(self.paths.data / row["image"]) as image:
+                rows.append({"images": [image.convert("RGB")], "prompt": row["prompt"], "chosen": row["chosen"],
+                             "rejected": row["rejected"]})
+        return Dataset.from_list(rows)
+
+    def stage_reward(self) -> dict:
+        from transformers import AutoModelForSequenceClassification
+        from trl import RewardConfig
+
+        from .eval.runner import evaluate_reward_model
+        from .rl import QwenVLRewardTrainer
+
+        recipe = self.recipe["reward"]
+        model = AutoModelForSequenceClassification.from_pretrained(self.paths.sft, num_labels=1,
+                                                                   trust_remote_code=True, dtype=torch.float32)
+        processor = self.processor(self.paths.sft)
+        model.config.pad_token_id = processor.tokenizer.pad_token_id
+        args = RewardConfig(
+            output_dir=str(self.paths.reward / "trainer"), max_steps=recipe["max_steps"],
+            per_device_train_batch_size=recipe["batch_size"], learning_rate=recipe["learning_rate"],
+            lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=max(1, recipe["max_steps"] // 50),
+            save_strategy="no", report_to=[], bf16=self.bf16, use_cpu=self.device == "cpu", seed=self.seed,
+            gradient_checkpointing=False, remove_unused_columns=False,
+        )
+        trainer = QwenVLRewardTrainer(model=model, args=args, train_dataset=self._preference_rows("train"),
+                                      processing_class=processor)
+        result = trainer.train()
+        trainer.save_model(str(self.paths.reward))
+        processor.save_pretrained(self.paths.reward)
+        held_out = evaluate_reward_model(model.eval(), processor, self.paths.data / "test_preference.jsonl",
+                                         limit=self.recipe["eval"]["n_pairs"])
+        return {"train_loss": result.training_loss, "losses": _losses(trainer.state.log_history),
+                "metrics": held_out["metrics"]}
+
+    def _ppo_rows(self, split: str, limit: int | None = None) -> list[dict]:
+        from PIL import Image
+
+        rows = []
+        for row in _read_jsonl(self.paths.data / f"{split}_ppo.jsonl")[:limit]:
+            with Image.open(self.paths.data / row["image"]) as image:
+                rows.append({"prompt": row["prompt"], "images": [image.convert("RGB")], "box": row["box"],
+                             "answer": row["answer"]})
+        return rows
+
+    def mean_reward(self, policy_dir: Path, rows: list[dict]) -> float:
+        """Mean reward-model score of the greedy answers of a policy to held-out prompts."""
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        from .eval.runner import score_conversations
+
+        policy = AutoModelForCausalLM.from_pretrained(policy_dir, trust_remote_code=True).eval()
+        reward_model = AutoModelForSequenceClassification.from_pretrained(self.paths.reward,
+                                                                          trust_remote_code=True).eval()
+        processor = self.processor(policy_dir)
+        answers = []
+        for start in range(0, len(rows), 16):
+            chunk = rows[start : start + 16]
+            responses, _ = policy.batch_chat(processor, [r["prompt"] for r in chunk],
+                                             images=[r["images"] for r in chunk], trusted_text=True,
+                                             max_new_tokens=self.recipe["ppo"]["response_length"], do_sample=False)
+            answers.extend(responses)
+        scores = score_conversations(reward_model, processor, [r["prompt"] for r in rows], answers,
+                                     [r["images"][0] for r in rows])
+        return float(sum(scores) / len(scores))
+
+    def stage_ppo(self) -> dict:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        from .rl import PPOConfig, PPOTrainer
+        from .train import QwenVLDataCollator
+
+        recipe = self.recipe["ppo"]
+        processor = self.processor(self.paths.sft)
+        policy = AutoModelForCausalLM.from_pretrained(self.paths.sft, trust_remote_code=True, dtype=torch.float32)
+        reward_model = AutoModelForSequenceClassification.from_pretrained(self.paths.reward, trust_remote_code=True,
+                                                                          dtype=torch.float32)
+        config = PPOConfig(
+            output_dir=str(self.paths.ppo / "trainer"), seed=self.seed, learning_rate=recipe["learning_rate"],
+            per_device_train_batch_size=recipe["batch_size"] // recipe["num_mini_batches"],
+            gradient_accumulation_steps=1, num_mini_batches=recipe["num_mini_batches"],
+            num_ppo_epochs=recipe["num_ppo_epochs"], total_episodes=recipe["total_episodes"],
+            response_length=recipe["response_length"], kl_coef=recipe["kl_coef"], ptx_coef=recipe["ptx_coef"],
+            ptx_batch_size=recipe["batch_size"], mixed_precision="bf16" if self.bf16 else "no",
+        )
+        trainer = PPOTrainer(config, processor, policy, reward_model=reward_model,
+                             train_dataset=self._ppo_rows("train"),
+                             ptx_dataset=_sft_rows(self.paths.data, "train"),
+                             ptx_collator=QwenVLDataCollator(processor))
+        history = trainer.train()
+        trainer.save_model(str(self.paths.ppo))
+        held_out = self._ppo_rows("test", self.recipe["eval"]["n_prompts"])
+        return {"history": history, "metrics": self.evaluate(self.paths.ppo),
+                "reward_sft": self.mean_reward(self.paths.sft, held_out),
+                "reward_ppo": self.mean_reward(self.paths.ppo, held_out)}
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Evaluation and outputs
+    # ---------------------------------------------------------------------------------------------------------
+
+    def processor(self, folder: Path):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+
+    def evaluate(self, folder: Path) -> dict:
+        from transformers import AutoModelForCausalLM
+
+        from .eval.runner import evaluate_model
+
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        result = evaluate_model(model, self.processor(folder), self.paths.data / "test_samples.jsonl",
+                                batch_size=16, max_new_tokens=self.recipe["eval"]["max_new_tokens"],
+                                limit=self.recipe["eval"]["n_samples"])
+        (folder / "predictions.json").write_text(json.dumps(result["predictions"], indent=1))
+        return result["metrics"]
+
+    def run(self) -> dict:
+        for stage in STAGES:
+            folder = getattr(self.paths, stage)
+            record = _done(folder)
+            if record is not None:
+                _log(f"stage {stage}: already done ({record['seconds']:.0f} s), skipping")
+            else:
+                _log(f"stage {stage}: running")
+                start = time.perf_counter()
+                record = getattr(self, f"stage_{stage}")()
+                record["seconds"] = time.perf_counter() - start
+                _finish(folder, record)
+                _log(f"stage {stage}: done in {record['seconds']:.0f} s")
+            self.records[stage] = record
+        self.write_outputs()
+        return self.records
+
+    def write_outputs(self) -> None:
+        from .demo_report import draw_grounding, plot_losses, write_report
+
+        final = self.paths.final
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(self.paths.ppo, final, ignore=shutil.ignore_patterns("trainer", "done.json"))
+        plot_losses(self.records, self.paths.root / "loss.png")
+        draw_grounding(self.paths.data, self.paths.final, self.paths.root / "grounding.png")
+        write_report(self.records, self.paths.root / "report.md", quick=self.quick, machine=machine_summary())
+
+
+def machine_summary() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {platform.python_version()}"
+
+
+def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, seed: int = 0, device: str = "cpu",
+             bf16: bool | None = None) -> dict:
+    return Demo(out, quick=quick, seed=seed, device=device, bf16=bf16).run()
