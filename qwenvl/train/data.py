@@ -63,11 +63,17 @@ class ValidationReport:
             raise ValueError(f"bad training rows (fix them or drop them with drop_bad_rows=True):\n{self}")
 
 
-def _resolve_paths(row: dict[str, Any], root: Path) -> dict[str, Any]:
-    """Relative image paths (`images` list or single `image`) made absolute under `root`."""
+def _resolve_paths(row: dict[str, Any], root: Path, index: int) -> dict[str, Any]:
+    """Image paths (`images` list or single `image`) resolved under `root`: no URL, no escape from `root`."""
+    from ..data.official import _resolve_image, _RowError
 
     def resolve(image: Any) -> Any:
-        return str(root / image) if isinstance(image, str) and not os.path.isabs(image) else image
+        if not isinstance(image, str):
+            return image
+        try:
+            return _resolve_image(image, Path(os.path.realpath(root)))
+        except _RowError as error:
+            raise ValueError(f"row {index}: {error}") from None
 
     row = dict(row)
     if isinstance(row.get("images"), list):
@@ -102,7 +108,7 @@ def load_rows(data_path: str | os.PathLike, image_root: str | os.PathLike | None
         rows = _read_json_rows(path)
         if rows and isinstance(rows[0], Mapping) and "conversations" in rows[0]:
             return load_official_finetune_json(path, root)
-        return [_resolve_paths(row, root) if isinstance(row, dict) else row for row in rows]
+        return [_resolve_paths(row, root, i) if isinstance(row, dict) else row for i, row in enumerate(rows)]
     import datasets
 
     if path.is_dir():
