@@ -43,10 +43,9 @@ def plot_losses(records: dict, path: Path) -> None:
     axis = axes[3]
     if history:
         updates = [h.get("update", i + 1) for i, h in enumerate(history)]
-        for key, color in (("reward/score", "#59a14f"), ("objective/kl", "#e15759"), ("loss/ptx", "#f28e2b")):
-            found = [k for k in history[0] if k == key or k.endswith(key.split("/")[-1])]
-            if found:
-                axis.plot(updates, [h[found[0]] for h in history], color=color, label=found[0])
+        for key, color in (("objective/scores", "#59a14f"), ("objective/kl", "#e15759"), ("loss/ptx_avg", "#f28e2b")):
+            if key in history[0]:
+                axis.plot(updates, [h[key] for h in history], color=color, label=key)
         axis.legend(fontsize=7)
     axis.set_title("stage 3: PPO-ptx")
     axis.set_xlabel("update")
