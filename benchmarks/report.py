@@ -1,0 +1,160 @@
+"""The printed table: one row per figure, optimized next to reference, their ratio, and the noise of each."""
+
+from __future__ import annotations
+
+
+def _noise(timing: dict | None) -> str:
+    if not timing:
+        return ""
+    return f"±{timing['noise_pct']:.0f}% n={timing['repeats']} cpu {timing['cpu_share']:.2f}"
+
+
+def _noises(a: dict | None, b: dict | None = None) -> str:
+    return _noise(a) + (f" | {_noise(b)}" if b else "")
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 1000:
+        text = f"{value:,.0f}"
+    elif abs(value) >= 10:
+        text = f"{value:.1f}"
+    else:
+        text = f"{value:.3g}"
+    return f"{text}{unit}"
+
+
+def _pct(result: dict, key: str = "fraction_of_ceiling") -> str:
+    return f"{result[key]:.1%} ({result[key + '_cpu_time']:.1%} per CPU-s)"
+
+
+def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
+    """(figure, optimized, reference, optimized/reference, noise of optimized | reference)."""
+    out = []
+    c = results["ceilings"]
+    bf16, fp32, bw = c["matmul_bf16"], c["matmul_fp32"], c["bandwidth"]
+    out.append(("matmul ceiling GFLOP/s (optimized: bf16, reference: fp32)", _fmt(bf16["flops_per_s"] / 1e9),
+                _fmt(fp32["flops_per_s"] / 1e9), _fmt(bf16["flops_per_s"] / fp32["flops_per_s"], "x"),
+                _noises(bf16["timing"], fp32["timing"])))
+    out.append(("copy bandwidth GB/s (read + write)", _fmt(bw["bytes_per_s"] / 1e9), "", "", _noise(bw["timing"])))
+
+    if "train" in results:
+        o, r = results["train"]["optimized"], results["train"]["reference"]
+        out += [
+            ("train: samples/s", _fmt(o["samples_per_s"]), _fmt(r["samples_per_s"]),
+             _fmt(o["samples_per_s"] / r["samples_per_s"], "x"), _noises(o["timing"], r["timing"])),
+            ("train: tokens/s", _fmt(o["tokens_per_s"]), _fmt(r["tokens_per_s"]),
+             _fmt(results["train"]["speedup_tokens_per_s"], "x"), ""),
+            ("train: model GFLOP/s", _fmt(o["achieved_flops_per_s"] / 1e9), _fmt(r["achieved_flops_per_s"] / 1e9),
+             "", ""),
+            (f"train: of matmul ceiling ({o['ceiling_dtype']} | {r['ceiling_dtype']})", _pct(o), _pct(r), "", ""),
+            ("train: peak RSS MiB", _fmt(o["peak_rss_mib"]), _fmt(r["peak_rss_mib"]),
+             _fmt(o["peak_rss_mib"] / r["peak_rss_mib"], "x"), ""),
+        ]
+
+    if "generation" in results:
+        g = results["generation"]
+        ref, cached = g["reference"]["b1_no_cache"], g["reference"]["b1_cache"]
+        for key, result in g["optimized"].items():
+            b1 = key == "b1"
+            out.append((f"decode tokens/s, batch {result['batch_size']}, {result['new_tokens']} new",
+                        _fmt(result["decode_tokens_per_s"]),
+                        _fmt(ref["decode_tokens_per_s"]) + " no cache" if b1 else "",
+                        _fmt(g["kv_cache_speedup_b1"], "x") if b1 else "",
+                        _noises(result["generate"], ref["generate"] if b1 else None)))
+        out.append(("decode b1: weight-bandwidth floor tokens/s", _fmt(g["floor_b1_tokens_per_s"]), "",
+                    f"step {g['b1_step_over_floor']:.2f}x floor", ""))
+        out.append(("decode b1 with cache, fp32 eager", "", _fmt(cached["decode_tokens_per_s"]),
+                    f"cache alone {g['kv_cache_speedup_b1_same_precision']:.1f}x", _noise(cached["generate"])))
+        for key, result in g["optimized"].items():
+            b1 = key == "b1"
+            out.append((f"prefill tokens/s, batch {result['batch_size']} (incl. vision)",
+                        _fmt(result["prefill_tokens_per_s"]), _fmt(ref["prefill_tokens_per_s"]) if b1 else "",
+                        _fmt(g["prefill_speedup_b1"], "x") if b1 else "",
+                        _noises(result["prefill"], ref["prefill"] if b1 else None)))
+        out.append(("prefill b8: of bf16 matmul ceiling", _pct(g["optimized"][list(g["optimized"])[-1]],
+                                                               "prefill_fraction_of_ceiling"), "", "", ""))
+
+    if "vision" in results:
+        o, r = results["vision"]["optimized"], results["vision"]["reference"]
+        out.append((f"vision images/s (ViT + adapter, batch {o['batch_size']})", _fmt(o["images_per_s"]),
+                    _fmt(r["images_per_s"]), _fmt(results["vision"]["speedup"], "x"),
+                    _noises(o["timing"], r["timing"])))
+        out.append(("vision: of matmul ceiling (bf16 | fp32)", _pct(o), _pct(r), "", ""))
+
+    if "reuse" in results:
+        u = results["reuse"]
+        out.append((f"later-turn prefill ms ({u['context_len']} tok): features reused | re-encoded",
+                    _fmt(u["reuse"]["median_s"] * 1e3), _fmt(u["reencode"]["median_s"] * 1e3),
+                    _fmt(u["speedup"], "x"), _noises(u["reuse"], u["reencode"])))
+
+    if "memory" in results:
+        m = results["memory"]
+        on, off = m["checkpointing"], m["no_checkpointing"]
+        out.append((f"train peak RSS MiB, checkpointing on | off (batch {m['batch_size']})",
+                    _fmt(on["peak_rss_mib"]), _fmt(off["peak_rss_mib"]), _fmt(m["peak_rss_ratio"], "x"), ""))
+        out.append(("train step memory over resident state MiB, on | off", _fmt(on["step_increase_mib"]),
+                    _fmt(off["step_increase_mib"]), _fmt(m["step_increase_ratio"], "x"), ""))
+    return out
+
+
+def ablation_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
+    """(step, rate, × previous, × previous per CPU-s, noise): one change at a time, in the order the optimized mode
+    stacks them."""
+    ablation = results["ablation"]
+    chains = []
+    if "train" in results:
+        train = {**results["train"], **ablation["train"]}
+        chains.append(("train tok/s", [
+            ("reference: eager, fp32, looped AdamW", train["reference"]),
+            ("+ SDPA", train["sdpa-fp32"]),
+            ("+ fused AdamW", train["sdpa-fp32-fused-adamw"]),
+            ("+ bf16 autocast (= optimized)", train["optimized"]),
+        ], lambda r: (r["tokens_per_s"], r["tokens_per_s"] * r["timing"]["median_s"] / r["timing"]["cpu_s"]),
+            lambda r: r["timing"]))
+    if "generation" in results:
+        gen = results["generation"]
+        chains.append(("decode b1 tok/s", [
+            ("reference: eager, fp32, no cache", gen["reference"]["b1_no_cache"]),
+            ("+ KV cache", gen["reference"]["b1_cache"]),
+            ("+ SDPA (prefill; CPU decode steps use matmuls)", ablation["decode_b1"]["sdpa-fp32"]),
+            ("+ bf16 weights", ablation["decode_b1"]["sdpa-bf16"]),
+            ("+ packed weights (= optimized)", gen["optimized"]["b1"]),
+        ], lambda r: (r["decode_tokens_per_s"], r["decode_tokens_per_cpu_s"]), lambda r: r["generate"]))
+    out = []
+    for title, steps, rates, timing in chains:
+        previous = None
+        for label, result in steps:
+            wall, cpu = rates(result)
+            out.append((f"{title}: {label}", _fmt(wall), _fmt(wall / previous[0], "x") if previous else "",
+                        _fmt(cpu / previous[1], "x") if previous else "", _noise(timing(result))))
+            previous = (wall, cpu)
+    return out
+
+
+def _table(header: tuple[str, ...], body: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)]
+
+
+def format_table(results: dict) -> str:
+    machine = results["machine"]
+    lines = [
+        f"config {results['config']} ({results['model']['total_params'] / 1e6:.1f} M params) on {machine['cpu']}, "
+        f"{machine['torch_threads']} threads, torch {machine['torch']}, OMP_WAIT_POLICY={machine['omp_wait_policy']}, "
+        f"load average {machine['load_average_at_start']} -> {machine.get('load_average_at_end')}",
+        *_table(("figure", "optimized", "reference", "ratio", "noise: optimized | reference"), rows(results)),
+    ]
+    if "ablation" in results:
+        lines += ["", *_table(("one change at a time", "rate", "x previous", "x previous per CPU-s", "noise"),
+                              ablation_rows(results)), ""]
+    if "accuracy" in results:
+        lines.append("bf16 vs fp32 on the same weights: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in results["accuracy"].items()))
+    for t in results.get("targets", []):
+        extra = f"; {t['value_cpu_time']} per CPU-s" if "value_cpu_time" in t else ""
+        lines.append(f"target {'MET    ' if t['met'] else 'NOT MET'} {t['target']}: {t['value']}{extra} "
+                     f"(goal {t['goal']})")
+    return "\n".join(lines)
