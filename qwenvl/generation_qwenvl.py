@@ -102,8 +102,10 @@ class QwenVLChatMixin:
         texts = [processor.apply_chat_template(_template_view(conv), tokenize=False, add_generation_prompt=True,
                                                trusted_text=trusted_text) for conv in conversations]
         # Features are already computed, so the spans are expanded here and only the text is tokenised.
-        span = "<img>" + "<imgpad>" * self.config.num_image_tokens + "</img>"
-        texts = [text.replace("<img></img>", span) for text in texts]
+        if processor.num_image_tokens != self.config.num_image_tokens:
+            raise ValueError(f"the processor expands images to {processor.num_image_tokens} tokens, the model "
+                             f"expects {self.config.num_image_tokens} (visual.n_queries)")
+        texts = [text.replace("<img></img>", processor.image_span) for text in texts]
         inputs = processor.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         if blocks:
