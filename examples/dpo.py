@@ -113,4 +113,7 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
 
 
 if __name__ == "__main__":
+    from qwenvl.train import shutdown_distributed
+
     main(sys.argv[1:])
+    shutdown_distributed()

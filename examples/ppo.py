@@ -137,4 +137,7 @@ def main(argv: list[str] | None = None) -> PPOTrainer:
 
 
 if __name__ == "__main__":
+    from qwenvl.train import shutdown_distributed
+
     main()
+    shutdown_distributed()

@@ -101,4 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
+    from qwenvl.train import shutdown_distributed
+
     main(sys.argv[1:])
+    shutdown_distributed()

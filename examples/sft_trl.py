@@ -88,4 +88,7 @@ def main(argv: list[str] | None = None) -> QwenVLSFTTrainer:
 
 
 if __name__ == "__main__":
+    from qwenvl.train import shutdown_distributed
+
     main(sys.argv[1:])
+    shutdown_distributed()

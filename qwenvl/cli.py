@@ -94,8 +94,6 @@ def _chat(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-
     from .eval.report import write_report
     from .eval.runner import evaluate_model, evaluate_reward_model
 

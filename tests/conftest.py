@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+TEST_THREADS = int(os.environ["OMP_NUM_THREADS"])
+torch.set_num_threads(TEST_THREADS)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -31,6 +32,15 @@ class _BlockQwenVL:
         return None
 sys.meta_path.insert(0, _BlockQwenVL())
 """
+
+
+@pytest.fixture(autouse=True)
+def pinned_threads():
+    """Every test starts with the suite's thread count, whatever an earlier test set (two-thread kernels crawl on
+    tiny models whenever other processes share the cores)."""
+    torch.set_num_threads(TEST_THREADS)
+    yield
+    torch.set_num_threads(TEST_THREADS)
 
 
 def tiny_config_kwargs(**overrides) -> dict:

@@ -14,7 +14,6 @@ from qwenvl import (
     QwenVLConfig,
     QwenVLForConditionalGeneration,
     QwenVLForSequenceClassification,
-    QwenVLModel,
 )
 from qwenvl.modeling_qwenvl import IMAGE_MISMATCH, get_2d_sincos_pos_embed
 

@@ -31,14 +31,6 @@ EXAMPLES = REPO / "examples"
 COLORS = {"red": (220, 30, 35), "blue": (30, 75, 220)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not suffer when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def colour_rows(n: int) -> list[dict]:
     """Prompts about a solid red or blue picture (alternating), with the colour as a reward column."""

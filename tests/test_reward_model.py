@@ -33,14 +33,6 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 COLORS = {"red": (220, 30, 35), "blue": (30, 75, 220)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not suffer when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def colour_pairs(n: int, seed: int) -> list[dict]:
     """'What colour is the picture?' about solid red or blue pictures (shade jittered): the right colour is chosen.

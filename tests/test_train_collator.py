@@ -22,14 +22,6 @@ from qwenvl.train import (
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>"
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread, and two-thread kernels crawl when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def model_and_processor():

@@ -8,7 +8,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
@@ -20,14 +19,6 @@ from qwenvl.train import QwenVLDataCollator, render_supervised
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 RED, BLUE = Image.new("RGB", (32, 32), (220, 30, 35)), Image.new("RGB", (32, 32), (30, 75, 220))
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread, and two-thread kernels crawl when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def messages_rows() -> list[dict]:

@@ -7,7 +7,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM
@@ -20,14 +19,6 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY_TRL_ARGS = ["--use_cpu", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
                  "--logging_steps", "1", "--max_steps", "2"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not suffer when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def load_example(name: str):

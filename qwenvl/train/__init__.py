@@ -30,6 +30,7 @@ from .recipe import (
     prepare_training_arguments,
     render_model_card,
     setup_trainable,
+    shutdown_distributed,
     wrap_with_lora,
 )
 from .stages import COMPONENTS, STAGES, ParameterTable, apply_stage, component_of, parameter_table
@@ -69,6 +70,7 @@ __all__ = [
     "render_model_card",
     "render_supervised",
     "setup_trainable",
+    "shutdown_distributed",
     "validate_rows",
     "wrap_with_lora",
 ]

@@ -377,3 +377,16 @@ class _ModelCardCallback(TrainerCallback):
 
 class QwenVLTrainer(HubReadyMixin, Trainer):
     """`transformers.Trainer` whose checkpoints are hub-ready (model card included)."""
+
+
+def shutdown_distributed() -> None:
+    """Tear down the process group at the end of a script launched with `accelerate launch`.
+
+    Left to interpreter exit, gloo's threads can be destroyed while still joinable, and a rank aborts with
+    "terminate called without an active exception" after training has finished and saved.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
