@@ -43,6 +43,15 @@ def pinned_threads():
     torch.set_num_threads(TEST_THREADS)
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Trainers create accelerate's process-wide state; reset it so each test can choose its own precision/device."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def tiny_config_kwargs(**overrides) -> dict:
     """A ~0.2M-parameter model with the release's structure (vocab 320: specials at 300..)."""
     kwargs = dict(
