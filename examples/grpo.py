@@ -31,10 +31,9 @@ from transformers import HfArgumentParser
 from trl import GRPOConfig, GRPOTrainer
 
 from qwenvl import QwenVLForSequenceClassification
-from qwenvl.data.synthetic import generate_dataset
 from qwenvl.rl import RewardModelScorer, exact_match_reward, iou_reward
-from qwenvl.testing import build_tiny_model_and_processor
-from qwenvl.train import decode_image_columns, load_processor, load_rows
+from qwenvl.testing import write_tiny_run
+from qwenvl.train import shutdown_distributed, decode_image_columns, load_processor, load_dataset_with_columns
 
 
 @dataclass
@@ -60,20 +59,13 @@ def as_conversation(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def prompt_dataset(path: str) -> datasets.Dataset:
-    rows = load_rows(path)
-    dataset = rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(rows)
-    if "prompt" not in dataset.column_names:
-        raise ValueError(f"{path}: prompt rows need a 'prompt' field")
-    return decode_image_columns(dataset.map(as_conversation))
+    return decode_image_columns(load_dataset_with_columns(path, ("prompt",)).map(as_conversation))
 
 
 def prepare_tiny(script_args: ScriptArguments, args: GRPOConfig) -> None:
     base, data = os.path.join(args.output_dir, "tiny-sft"), os.path.join(args.output_dir, "data")
     if args.process_index == 0:
-        model, processor = build_tiny_model_and_processor(seed=args.seed)
-        model.save_pretrained(base)
-        processor.save_pretrained(base)
-        generate_dataset(data, n_train=4, n_val=0, n_test=0, image_size=32, seed=args.seed)
+        write_tiny_run(args.output_dir, seed=args.seed, n_train=4)
     args.distributed_state.wait_for_everyone()
     script_args.model_name_or_path = base
     script_args.data_path = os.path.join(data, "train_ppo.jsonl")
@@ -112,7 +104,5 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
 
 
 if __name__ == "__main__":
-    from qwenvl.train import shutdown_distributed
-
     main(sys.argv[1:])
     shutdown_distributed()

@@ -29,10 +29,9 @@ from accelerate import PartialState
 from transformers import HfArgumentParser
 
 from qwenvl import QwenVLForConditionalGeneration, QwenVLForSequenceClassification
-from qwenvl.data.synthetic import generate_dataset
 from qwenvl.rl import PPOConfig, PPOTrainer, exact_match_reward, iou_reward
-from qwenvl.testing import build_tiny_model_and_processor
-from qwenvl.train import decode_image_columns, load_processor, load_rows
+from qwenvl.testing import write_tiny_run
+from qwenvl.train import shutdown_distributed, decode_image_columns, load_processor, load_rows
 
 
 @dataclass
@@ -68,10 +67,7 @@ def prepare_tiny(script_args: ScriptArguments, config: PPOConfig) -> None:
     base, data = os.path.join(config.output_dir, "tiny-sft"), os.path.join(config.output_dir, "data")
     with PartialState(cpu=config.use_cpu).main_process_first():
         if not os.path.isfile(os.path.join(base, "config.json")):
-            model, processor = build_tiny_model_and_processor(seed=config.seed)
-            model.save_pretrained(base)
-            processor.save_pretrained(base)
-            generate_dataset(data, n_train=8, n_val=0, n_test=0, image_size=32, seed=config.seed)
+            write_tiny_run(config.output_dir, seed=config.seed, n_train=8)
     script_args.model_name_or_path = script_args.model_name_or_path or base
     script_args.data_path = script_args.data_path or os.path.join(data, "train_ppo.jsonl")
     if config.ptx_coef > 0:
@@ -137,7 +133,5 @@ def main(argv: list[str] | None = None) -> PPOTrainer:
 
 
 if __name__ == "__main__":
-    from qwenvl.train import shutdown_distributed
-
     main()
     shutdown_distributed()

@@ -28,13 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sft import main as sft_main
 
+from qwenvl.train import shutdown_distributed
+
 
 def main(argv: list[str] | None = None):
     return sft_main(argv, stage="pretrain", captions=True)
 
 
 if __name__ == "__main__":
-    from qwenvl.train import shutdown_distributed
-
     main(sys.argv[1:])
     shutdown_distributed()

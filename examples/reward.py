@@ -27,10 +27,9 @@ from transformers import HfArgumentParser
 from trl import RewardConfig
 
 from qwenvl import QwenVLForSequenceClassification
-from qwenvl.data.synthetic import generate_dataset
 from qwenvl.rl import QwenVLRewardTrainer
-from qwenvl.testing import build_tiny_model_and_processor
-from qwenvl.train import decode_image_columns, load_processor, load_rows
+from qwenvl.testing import write_tiny_run
+from qwenvl.train import shutdown_distributed, decode_image_columns, load_processor, load_dataset_with_columns
 
 
 @dataclass
@@ -50,22 +49,14 @@ class ScriptArguments:
 
 def preference_dataset(path: str) -> datasets.Dataset:
     """Rows with image paths resolved and decoded lazily by `datasets`."""
-    rows = load_rows(path)
-    dataset = rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(rows)
-    missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
-    if missing:
-        raise ValueError(f"{path}: preference rows need the fields {sorted(missing)}")
-    return decode_image_columns(dataset)
+    return decode_image_columns(load_dataset_with_columns(path, ("prompt", "chosen", "rejected")))
 
 
 def prepare_tiny(script_args: ScriptArguments, args: RewardConfig) -> None:
     """Save a tiny random 'SFT' model and write synthetic pairs, then point the arguments at them."""
     base, data = os.path.join(args.output_dir, "tiny-sft"), os.path.join(args.output_dir, "data")
     if args.process_index == 0:
-        model, processor = build_tiny_model_and_processor(seed=args.seed)
-        model.save_pretrained(base)
-        processor.save_pretrained(base)
-        generate_dataset(data, n_train=script_args.tiny_scenes, n_val=8, n_test=0, image_size=32, seed=args.seed)
+        write_tiny_run(args.output_dir, seed=args.seed, n_train=script_args.tiny_scenes, n_val=8)
     args.distributed_state.wait_for_everyone()
     script_args.model_name_or_path = base
     script_args.data_path = os.path.join(data, "train_preference.jsonl")
@@ -101,7 +92,5 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    from qwenvl.train import shutdown_distributed
-
     main(sys.argv[1:])
     shutdown_distributed()

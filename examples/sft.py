@@ -29,6 +29,7 @@ import sys
 from transformers import HfArgumentParser, TrainingArguments
 
 from qwenvl.train import (
+    shutdown_distributed,
     DataArguments,
     ModelArguments,
     QwenVLTrainer,
@@ -80,7 +81,5 @@ def main(argv: list[str] | None = None, stage: str = "chat-sft", captions: bool 
 
 
 if __name__ == "__main__":
-    from qwenvl.train import shutdown_distributed
-
     main(sys.argv[1:])
     shutdown_distributed()

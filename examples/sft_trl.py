@@ -26,6 +26,7 @@ from transformers import HfArgumentParser
 from trl import SFTConfig, SFTTrainer
 
 from qwenvl.train import (
+    shutdown_distributed,
     DatasetArguments,
     HubReadyMixin,
     ModelArguments,
@@ -88,7 +89,5 @@ def main(argv: list[str] | None = None) -> QwenVLSFTTrainer:
 
 
 if __name__ == "__main__":
-    from qwenvl.train import shutdown_distributed
-
     main(sys.argv[1:])
     shutdown_distributed()

@@ -71,3 +71,20 @@ def build_tiny_model_and_processor(
         generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")]
         generation_config.pad_token_id = config.pad_token_id
     return model.eval(), processor_for_config(tokenizer, config)
+
+
+def write_tiny_run(output_dir: str, seed: int = 0, n_train: int = 8, n_val: int = 0, image_size: int = 32) -> tuple[str, str]:
+    """Save a tiny random 'SFT' model + processor to `<output_dir>/tiny-sft` and synthetic data to `<output_dir>/data`.
+
+    The `--tiny` smoke runs of the example scripts start from this; returns the two folders.
+    """
+    import os
+
+    from .data.synthetic import generate_dataset
+
+    base, data = os.path.join(output_dir, "tiny-sft"), os.path.join(output_dir, "data")
+    model, processor = build_tiny_model_and_processor(seed=seed)
+    model.save_pretrained(base)
+    processor.save_pretrained(base)
+    generate_dataset(data, n_train=n_train, n_val=n_val, n_test=0, image_size=image_size, seed=seed)
+    return base, data

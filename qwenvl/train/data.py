@@ -262,3 +262,15 @@ def decode_image_columns(dataset: Any) -> Any:
         elif getattr(feature, "feature", None) == datasets.Value("string"):
             dataset = dataset.cast_column(name, datasets.List(datasets.Image()))
     return dataset
+
+
+def load_dataset_with_columns(path: str | os.PathLike, required: Iterable[str]) -> Any:
+    """`load_rows(path)` as a `datasets.Dataset` (images not decoded yet), checking the columns a script needs."""
+    import datasets
+
+    rows = load_rows(path)
+    dataset = rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(rows)
+    missing = set(required) - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"{path}: rows need the fields {sorted(missing)}")
+    return dataset
