@@ -1,7 +1,7 @@
 """`qwenvl demo`: the whole mission on one CPU, with no downloads.
 
-data → tokenizer → stage 1 (adapter only) → stage 2 (multi-task SFT) → reward model → PPO-ptx → evaluation after
-every stage, written to an output folder as `report.md`, `loss.png`, `grounding.png` and a hub-ready final checkpoint.
+data → tokenizer → ViT pre-training → stage 1 (adapter only) → stage 2 (multi-task SFT) → reward model → PPO-ptx →
+evaluation after every stage, written to an output folder as `report.md`, `loss.png`, `grounding.png` and a hub-ready final checkpoint.
 Each finished stage leaves `<stage>/done.json`; a re-run continues after the last finished stage.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "demo.json"
-STAGES = ("data", "init", "pretrain", "sft", "reward", "ppo")
+STAGES = ("data", "init", "vision", "pretrain", "sft", "reward", "ppo")
 
 
 @dataclass
@@ -129,6 +129,7 @@ class Demo:
         from . import QwenVLConfig, QwenVLForConditionalGeneration
         from .testing import processor_for_config
         from .tokenization_qwenvl import train_tokenizer
+        from .train import localize_adapter
 
         rows = _read_jsonl(self.paths.data / "train_samples.jsonl")
         texts = [f"{row['prompt']} {row['answer']}" for row in rows]
@@ -139,6 +140,7 @@ class Demo:
         config = QwenVLConfig(vocab_size=len(tokenizer), pad_token_id=eos, eos_token_id=eos, **spec)
         torch.manual_seed(self.seed)
         model = QwenVLForConditionalGeneration(config)
+        localize_adapter(model)  # queries start on their own grid cell: image tokens differ from the first step
         model.generation_config.eos_token_id = [eos, tokenizer.convert_tokens_to_ids("<|im_end|>")]
         model.generation_config.pad_token_id = eos
         processor = processor_for_config(tokenizer, config)
@@ -146,6 +148,89 @@ class Demo:
         processor.save_pretrained(self.paths.init)
         return {"parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
                 "metrics": self.evaluate(self.paths.init)}
+
+    def _patch_batches(self, split: str, processor, limit: int | None = None):
+        """Pixel values and dense patch targets (`qwenvl.data.synthetic.patch_targets`) of a split's scenes."""
+        import numpy as np
+        from PIL import Image
+
+        from .data.synthetic import patch_targets
+
+        rows = _read_jsonl(self.paths.data / f"{split}_scenes.jsonl")[:limit]
+        vision = self.model_spec["visual"]
+        grid = vision["image_size"] // vision["patch_size"]
+        pixels, classes, edges = [], [], []
+        for start in range(0, len(rows), 256):
+            chunk = rows[start : start + 256]
+            images = []
+            for row in chunk:
+                with Image.open(self.paths.data / row["image"]) as image:
+                    images.append(image.convert("RGB"))
+            pixels.append(processor.image_processor(images, return_tensors="pt")["pixel_values"])
+            for row in chunk:
+                c, e = patch_targets(row, grid)
+                classes.append(c)
+                edges.append(e)
+        return torch.cat(pixels), torch.from_numpy(np.stack(classes)), torch.from_numpy(np.stack(edges))
+
+    def stage_vision(self) -> dict:
+        """Pre-train the ViT trunk from scratch on dense patch targets: what (colour, shape or digit) is where.
+
+        The release starts stage 1 from a pre-trained OpenCLIP ViT; nothing can be downloaded here, so the demo
+        pre-trains its own. Every patch predicts the object under its centre and the distances to that object's box
+        edges (a linear head, thrown away afterwards). The position table starts as a 2-D sin-cos grid so positions
+        are smooth from the first step. Only the trunk is saved changed; the adapter and the LLM stay as initialised.
+        """
+        import torch.nn.functional as F
+        from transformers import AutoModelForCausalLM
+
+        from .data.synthetic import PATCH_CLASSES
+        from .modeling_qwenvl import get_2d_sincos_pos_embed
+
+        recipe = self.recipe["vision"]
+        torch.manual_seed(self.seed)
+        model = AutoModelForCausalLM.from_pretrained(self.paths.init, trust_remote_code=True, dtype=torch.float32)
+        processor = self.processor(self.paths.init)
+        vit = model.transformer.visual
+        table = vit.positional_embedding
+        with torch.no_grad():
+            side = int(table.shape[0] ** 0.5)
+            table.copy_(torch.from_numpy(get_2d_sincos_pos_embed(table.shape[1], side)))
+        pixels, classes, edges = self._patch_batches("train", processor)
+        test_pixels, test_classes, test_edges = self._patch_batches("test", processor, limit=200)
+        background = len(PATCH_CLASSES)
+        head = torch.nn.Linear(table.shape[1], background + 1 + 4)
+        trunk = list(vit._trunk_parameters())
+        optimizer = torch.optim.AdamW(trunk + list(head.parameters()), lr=recipe["learning_rate"], betas=(0.9, 0.98))
+        generator = torch.Generator().manual_seed(self.seed)
+
+        def loss_of(out, target_classes, target_edges):
+            on_object = target_classes != background
+            class_loss = F.cross_entropy(out[..., : background + 1].flatten(0, 1), target_classes.flatten())
+            edge_loss = F.l1_loss(out[..., background + 1 :][on_object], target_edges[on_object])
+            return class_loss + 4.0 * edge_loss
+
+        losses = []
+        warmup = max(1, recipe["max_steps"] // 20)
+        for step in range(1, recipe["max_steps"] + 1):
+            for group in optimizer.param_groups:
+                group["lr"] = recipe["learning_rate"] * min(1.0, step / warmup)
+            index = torch.randint(0, len(pixels), (recipe["batch_size"],), generator=generator)
+            loss = loss_of(head(vit.encode_patches(pixels[index])), classes[index], edges[index])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step % max(1, recipe["max_steps"] // 50) == 0:
+                losses.append((step, float(loss)))
+        with torch.no_grad():
+            out = head(vit.encode_patches(test_pixels))
+            on_object = test_classes != background
+            accuracy = (out[..., : background + 1].argmax(-1)[on_object] == test_classes[on_object]).float().mean()
+            edge_error = (out[..., background + 1 :][on_object] - test_edges[on_object]).abs().mean()
+        model.save_pretrained(self.paths.vision)
+        processor.save_pretrained(self.paths.vision)
+        return {"losses": losses, "object_patch_accuracy": float(accuracy), "edge_error": float(edge_error),
+                "n_scenes": len(pixels)}
 
     def _train_sft(self, source: Path, folder: Path, stage: str, recipe: dict, tasks: tuple[str, ...] | None) -> dict:
         from transformers import AutoModelForCausalLM
@@ -171,11 +256,13 @@ class Demo:
                 "n_rows": len(rows), "metrics": self.evaluate(folder)}
 
     def stage_pretrain(self) -> dict:
-        return self._train_sft(self.paths.init, self.paths.pretrain, "pretrain", self.recipe["pretrain"],
+        return self._train_sft(self.paths.vision, self.paths.pretrain, "pretrain", self.recipe["pretrain"],
                                tasks=("caption",))
 
     def stage_sft(self) -> dict:
-        return self._train_sft(self.paths.pretrain, self.paths.sft, "multitask", self.recipe["sft"], tasks=None)
+        # The ViT was pre-trained in its own stage (as the release's OpenCLIP ViT was) and is kept as it is.
+        return self._train_sft(self.paths.pretrain, self.paths.sft, "multitask-frozen-vit", self.recipe["sft"],
+                               tasks=None)
 
     def _preference_rows(self, split: str, limit: int | None = None):
         from datasets import Dataset

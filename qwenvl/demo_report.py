@@ -27,11 +27,12 @@ def plot_losses(records: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(records.get("pretrain", {}).get("losses"), "stage 1: adapter pre-training", "loss"),
+    panels = [(records.get("vision", {}).get("losses"), "ViT pre-training (dense patch targets)", "loss"),
+              (records.get("pretrain", {}).get("losses"), "stage 1: adapter pre-training", "loss"),
               (records.get("sft", {}).get("losses"), "stage 2: multi-task SFT", "loss"),
               (records.get("reward", {}).get("losses"), "reward model (pairwise)", "loss")]
     history = records.get("ppo", {}).get("history") or []
-    figure, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+    figure, axes = plt.subplots(1, 5, figsize=(22, 3.6))
     for axis, (points, title, label) in zip(axes, panels):
         if points:
             steps, values = zip(*points)
@@ -40,7 +41,7 @@ def plot_losses(records: dict, path: Path) -> None:
         axis.set_xlabel("step")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-    axis = axes[3]
+    axis = axes[4]
     if history:
         updates = [h.get("update", i + 1) for i, h in enumerate(history)]
         for key, color in (("objective/scores", "#59a14f"), ("objective/kl", "#e15759"), ("loss/ptx_avg", "#f28e2b")):
@@ -112,6 +113,7 @@ def stage_table(records: dict) -> list[dict]:
 def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
     table = stage_table(records)
     reward = records.get("reward", {})
+    vision = records.get("vision", {})
     ppo = records.get("ppo", {})
     pairwise = (reward.get("metrics") or {}).get("reward", {}).get("accuracy")
     total = sum(r.get("seconds", 0.0) for r in records.values())
@@ -137,6 +139,8 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
         "|---|---|---|",
         f"| data + tokenizer | {records.get('data', {}).get('n_train_scenes', '?')} training scenes × 4 tasks | "
         f"{_fmt(records.get('data', {}).get('seconds'), 0)} |",
+        f"| ViT pre-training | object-patch accuracy {_fmt(vision.get('object_patch_accuracy'))}, box-edge error "
+        f"{_fmt(vision.get('edge_error'))} of the image side (test scenes) | {_fmt(vision.get('seconds'), 0)} |",
         f"| reward model | held-out pairwise accuracy {_fmt(pairwise)} | {_fmt(reward.get('seconds'), 0)} |",
         f"| PPO-ptx | held-out mean reward {_fmt(ppo.get('reward_sft'))} (SFT) → {_fmt(ppo.get('reward_ppo'))} (PPO) | "
         f"{_fmt(ppo.get('seconds'), 0)} |",

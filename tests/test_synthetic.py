@@ -369,3 +369,34 @@ def test_generate_dataset_rejects_bad_arguments(tmp_path, kwargs, message):
     arguments = {"n_train": 1, "n_val": 1, "n_test": 1, **kwargs}
     with pytest.raises(ValueError, match=message):
         syn.generate_dataset(tmp_path, **arguments)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dense patch targets (the demo's ViT pre-training)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_patch_targets_name_the_object_under_each_patch_centre_and_its_box_edges(scenes):
+    grid = 8
+    for scene in scenes:
+        row = scene.to_dict()
+        classes, edges = syn.patch_targets(row, grid)
+        side = scene.image_size[0]
+        background = len(syn.PATCH_CLASSES)
+        assert classes.shape == (grid * grid,) and edges.shape == (grid * grid, 4)
+        for index in range(grid * grid):
+            cx, cy = ((index % grid) + 0.5) / grid * side, ((index // grid) + 0.5) / grid * side
+            under = [o for o in scene.objects if o.box[0] <= cx < o.box[2] and o.box[1] <= cy < o.box[3]]
+            if not under:
+                assert classes[index] == background and not edges[index].any()
+                continue
+            (obj,) = under  # boxes never overlap
+            assert syn.PATCH_CLASSES[classes[index]] == f"{obj.color} {obj.noun}"
+            left, top, right, bottom = edges[index] * side
+            assert _close((cx - left, cy - top, cx + right, cy + bottom), obj.box, tol=1e-3)
+
+
+def test_patch_classes_cover_every_colour_shape_and_digit():
+    assert len(syn.PATCH_CLASSES) == len(syn.COLORS) * (len(syn.SHAPES) + 10) == len(set(syn.PATCH_CLASSES))
+    with pytest.raises(ValueError, match="grid"):
+        syn.patch_targets(syn.make_scene(0).to_dict(), 0)

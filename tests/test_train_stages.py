@@ -22,6 +22,7 @@ EXPECTED = {
     "pretrain": [ADAPTER],
     "pretrain-paper": [ADAPTER, VIT],
     "multitask": [ADAPTER, VIT, LLM],
+    "multitask-frozen-vit": [ADAPTER, LLM],
     "chat-sft": [RESAMPLER, LLM],
 }
 

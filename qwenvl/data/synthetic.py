@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -470,6 +471,44 @@ def make_samples(scene: Scene, tasks: tuple[str, ...] = TASKS, id_prefix: str | 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Dense patch targets (the demo's vision-encoder pre-training)
+# ---------------------------------------------------------------------------------------------------------------------
+
+PATCH_CLASSES: tuple[str, ...] = tuple(
+    f"{color} {noun}" for color in COLORS for noun in (*SHAPES, *(f"digit {d}" for d in range(10)))
+)
+"""Object classes of `patch_targets`; the background is class `len(PATCH_CLASSES)`."""
+
+
+def patch_targets(scene: Mapping[str, Any], grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dense targets for a `grid` x `grid` patch grid over a scene (a `Scene.to_dict()` / `<split>_scenes.jsonl` row).
+
+    Returns `classes` (grid², int64): the `PATCH_CLASSES` index of the object whose box holds the patch centre, else
+    the background index; and `edges` (grid², 4, float32): for object patches, the distances from the patch centre
+    to the box's left, top, right and bottom edges as fractions of the image side (0 for background patches). They
+    stand in for the supervision a real vision encoder gets in its own pre-training: what is where, to the pixel.
+    """
+    if not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"grid must be a positive integer, got {grid!r}")
+    width, height = scene["image_size"]
+    classes = np.full(grid * grid, len(PATCH_CLASSES), dtype=np.int64)
+    edges = np.zeros((grid * grid, 4), dtype=np.float32)
+    centres = (np.arange(grid, dtype=np.float32) + 0.5) / grid
+    for obj in scene["objects"]:
+        x1, y1, x2, y2 = obj["box"]
+        x1, x2, y1, y2 = x1 / width, x2 / width, y1 / height, y2 / height
+        noun = f"digit {obj['digit']}" if obj["kind"] == "digit" else obj["kind"]
+        label = PATCH_CLASSES.index(f"{obj['color']} {noun}")
+        for gy in np.flatnonzero((centres >= y1) & (centres < y2)):
+            for gx in np.flatnonzero((centres >= x1) & (centres < x2)):
+                index = gy * grid + gx
+                cx, cy = centres[gx], centres[gy]
+                classes[index] = label
+                edges[index] = (cx - x1, cy - y1, x2 - cx, y2 - cy)
+    return classes, edges
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Preference pairs
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -711,5 +750,7 @@ __all__ = [
     "caption",
     "make_samples",
     "make_preference_pairs",
+    "PATCH_CLASSES",
+    "patch_targets",
     "generate_dataset",
 ]

@@ -1,5 +1,6 @@
 """Training Qwen-VL: label-masking collator, stage freezing, data validation, LoRA/QLoRA, hub-ready Trainer."""
 
+from .adapter_init import localize_adapter
 from .collator import IGNORE_INDEX, LABEL_MODES, EncodedSample, QwenVLDataCollator, render_supervised
 from .data import (
     ValidationReport,
@@ -37,6 +38,7 @@ from .recipe import (
 from .stages import COMPONENTS, STAGES, ParameterTable, apply_stage, component_of, parameter_table
 
 __all__ = [
+    "localize_adapter",
     "COMPONENTS",
     "IGNORE_INDEX",
     "LABEL_MODES",

@@ -21,6 +21,8 @@ Stages:
 * `"pretrain-paper"` (the paper's stage 1): the LLM is frozen; ViT + adapter train. Run it at a lower image size
   (e.g. 224) by setting the image processor's size: the model interpolates both positional tables to the grid.
 * `"multitask"` (stage 2): everything trains.
+* `"multitask-frozen-vit"`: stage 2 with the ViT kept as it is (a pre-trained encoder); the adapter, `ln_post`,
+  `proj`, the LLM and `lm_head` train. The embedded demo uses it after pre-training its own ViT.
 * `"chat-sft"` (the original Chat fine-tuning, `finetune.py --fix_vit`): the ViT is frozen and exactly
   `attn_pool` is re-enabled; `ln_post`/`proj` stay frozen as in that script, the LLM and `lm_head` train.
 
@@ -44,6 +46,7 @@ STAGES: dict[str, frozenset[str]] = {
     "pretrain": frozenset({"resampler", "projection"}),
     "pretrain-paper": frozenset({"vit", "resampler", "projection"}),
     "multitask": frozenset(COMPONENTS),
+    "multitask-frozen-vit": frozenset({"resampler", "projection", "llm", "lm_head"}),
     "chat-sft": frozenset({"resampler", "llm", "lm_head"}),
 }
 ALWAYS_FROZEN = ("visual.attn_pool.pos_embed",)
