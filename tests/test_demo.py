@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 from PIL import Image
 
 from qwenvl.demo import STAGES, run_demo
@@ -27,6 +28,19 @@ def test_every_stage_runs_and_the_outputs_are_written(demo_dir):
         assert (demo_dir / stage / "done.json").exists(), stage
     report = (demo_dir / "report.md").read_text()
     assert "stage 2: multi-task SFT" in report and "PPO-ptx" in report and "## Targets" in report
+    assert "ViT pre-training | object-patch accuracy" in report
+
+
+def test_vit_pretraining_changes_only_the_vit_trunk(demo_dir):
+    from safetensors.torch import load_file
+
+    vision = json.loads((demo_dir / "vision" / "done.json").read_text())
+    assert 0.0 <= vision["object_patch_accuracy"] <= 1.0 and vision["edge_error"] >= 0.0
+    before = load_file(demo_dir / "init" / "model.safetensors")
+    after = load_file(demo_dir / "vision" / "model.safetensors")
+    trunk = ("visual.conv1.", "visual.positional_embedding", "visual.ln_pre.", "visual.transformer.")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(any(part in name for part in trunk) for name in changed), sorted(changed)
     assert Image.open(demo_dir / "loss.png").size[0] > 500
     assert Image.open(demo_dir / "grounding.png").size[0] > 50
     data = json.loads((demo_dir / "data" / "dataset_info.json").read_text())
