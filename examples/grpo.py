@@ -32,7 +32,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from qwenvl import QwenVLForSequenceClassification
 from qwenvl.rl import RewardModelScorer, exact_match_reward, iou_reward
-from qwenvl.testing import write_tiny_run
+from qwenvl.testing import write_tiny_run_once
 from qwenvl.train import shutdown_distributed, decode_image_columns, load_processor, load_dataset_with_columns
 
 
@@ -63,10 +63,7 @@ def prompt_dataset(path: str) -> datasets.Dataset:
 
 
 def prepare_tiny(script_args: ScriptArguments, args: GRPOConfig) -> None:
-    base, data = os.path.join(args.output_dir, "tiny-sft"), os.path.join(args.output_dir, "data")
-    if args.process_index == 0:
-        write_tiny_run(args.output_dir, seed=args.seed, n_train=4)
-    args.distributed_state.wait_for_everyone()
+    base, data = write_tiny_run_once(args.output_dir, args.distributed_state, seed=args.seed, n_train=4)
     script_args.model_name_or_path = base
     script_args.data_path = os.path.join(data, "train_ppo.jsonl")
 

@@ -30,7 +30,7 @@ from transformers import HfArgumentParser
 
 from qwenvl import QwenVLForConditionalGeneration, QwenVLForSequenceClassification
 from qwenvl.rl import PPOConfig, PPOTrainer, exact_match_reward, iou_reward
-from qwenvl.testing import write_tiny_run
+from qwenvl.testing import write_tiny_run_once
 from qwenvl.train import shutdown_distributed, decode_image_columns, load_processor, load_rows
 
 
@@ -64,10 +64,8 @@ def rows_dataset(path: str) -> datasets.Dataset:
 
 def prepare_tiny(script_args: ScriptArguments, config: PPOConfig) -> None:
     """Save a tiny random 'SFT' policy and write synthetic grounding / VQA prompts, then point the arguments at them."""
-    base, data = os.path.join(config.output_dir, "tiny-sft"), os.path.join(config.output_dir, "data")
-    with PartialState(cpu=config.use_cpu).main_process_first():
-        if not os.path.isfile(os.path.join(base, "config.json")):
-            write_tiny_run(config.output_dir, seed=config.seed, n_train=8)
+    base, data = write_tiny_run_once(config.output_dir, PartialState(cpu=config.use_cpu), overwrite=False,
+                                     seed=config.seed, n_train=8)
     script_args.model_name_or_path = script_args.model_name_or_path or base
     script_args.data_path = script_args.data_path or os.path.join(data, "train_ppo.jsonl")
     if config.ptx_coef > 0:

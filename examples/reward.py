@@ -28,7 +28,7 @@ from trl import RewardConfig
 
 from qwenvl import QwenVLForSequenceClassification
 from qwenvl.rl import QwenVLRewardTrainer
-from qwenvl.testing import write_tiny_run
+from qwenvl.testing import write_tiny_run_once
 from qwenvl.train import shutdown_distributed, decode_image_columns, load_processor, load_dataset_with_columns
 
 
@@ -54,10 +54,8 @@ def preference_dataset(path: str) -> datasets.Dataset:
 
 def prepare_tiny(script_args: ScriptArguments, args: RewardConfig) -> None:
     """Save a tiny random 'SFT' model and write synthetic pairs, then point the arguments at them."""
-    base, data = os.path.join(args.output_dir, "tiny-sft"), os.path.join(args.output_dir, "data")
-    if args.process_index == 0:
-        write_tiny_run(args.output_dir, seed=args.seed, n_train=script_args.tiny_scenes, n_val=8)
-    args.distributed_state.wait_for_everyone()
+    base, data = write_tiny_run_once(args.output_dir, args.distributed_state, seed=args.seed,
+                                     n_train=script_args.tiny_scenes, n_val=8)
     script_args.model_name_or_path = base
     script_args.data_path = os.path.join(data, "train_preference.jsonl")
     script_args.eval_data_path = os.path.join(data, "val_preference.jsonl")

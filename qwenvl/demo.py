@@ -1,7 +1,8 @@
 """`qwenvl demo`: the whole mission on one CPU, with no downloads.
 
 data → tokenizer → ViT pre-training → stage 1 (adapter only) → stage 2 (multi-task SFT) → reward model → PPO-ptx →
-evaluation after every stage, written to an output folder as `report.md`, `loss.png`, `grounding.png` and a hub-ready final checkpoint.
+evaluation after every stage, written to an output folder as `report.md`, `loss.png`, `grounding.png` and a hub-ready
+final checkpoint.
 Each finished stage leaves `<stage>/done.json`; a re-run continues after the last finished stage.
 """
 
@@ -152,20 +153,18 @@ class Demo:
     def _patch_batches(self, split: str, processor, limit: int | None = None):
         """Pixel values and dense patch targets (`qwenvl.data.synthetic.patch_targets`) of a split's scenes."""
         import numpy as np
-        from PIL import Image
 
         from .data.synthetic import patch_targets
+        from .eval.runner import _load_images
 
-        rows = _read_jsonl(self.paths.data / f"{split}_scenes.jsonl")[:limit]
+        source = self.paths.data / f"{split}_scenes.jsonl"
+        rows = _read_jsonl(source)[:limit]
         vision = self.model_spec["visual"]
         grid = vision["image_size"] // vision["patch_size"]
         pixels, classes, edges = [], [], []
         for start in range(0, len(rows), 256):
             chunk = rows[start : start + 256]
-            images = []
-            for row in chunk:
-                with Image.open(self.paths.data / row["image"]) as image:
-                    images.append(image.convert("RGB"))
+            images = _load_images(chunk, self.paths.data, str(source))
             pixels.append(processor.image_processor(images, return_tensors="pt")["pixel_values"])
             for row in chunk:
                 c, e = patch_targets(row, grid)

@@ -73,16 +73,35 @@ def build_tiny_model_and_processor(
     return model.eval(), processor_for_config(tokenizer, config)
 
 
+def tiny_run_paths(output_dir: str) -> tuple[str, str]:
+    """The model and data folders `write_tiny_run` fills under `output_dir`."""
+    import os
+
+    return os.path.join(output_dir, "tiny-sft"), os.path.join(output_dir, "data")
+
+
+def write_tiny_run_once(output_dir: str, state, overwrite: bool = True, **kwargs) -> tuple[str, str]:
+    """`write_tiny_run` on the main process of an accelerate `state` while the others wait; returns the folders.
+
+    With `overwrite=False` an existing tiny model is kept (a re-run into the same folder reuses it).
+    """
+    import os
+
+    base, data = tiny_run_paths(output_dir)
+    with state.main_process_first():
+        if state.is_main_process and (overwrite or not os.path.isfile(os.path.join(base, "config.json"))):
+            write_tiny_run(output_dir, **kwargs)
+    return base, data
+
+
 def write_tiny_run(output_dir: str, seed: int = 0, n_train: int = 8, n_val: int = 0, image_size: int = 32) -> tuple[str, str]:
     """Save a tiny random 'SFT' model + processor to `<output_dir>/tiny-sft` and synthetic data to `<output_dir>/data`.
 
     The `--tiny` smoke runs of the example scripts start from this; returns the two folders.
     """
-    import os
-
     from .data.synthetic import generate_dataset
 
-    base, data = os.path.join(output_dir, "tiny-sft"), os.path.join(output_dir, "data")
+    base, data = tiny_run_paths(output_dir)
     model, processor = build_tiny_model_and_processor(seed=seed)
     model.save_pretrained(base)
     processor.save_pretrained(base)

@@ -7,6 +7,7 @@ import os
 # Tiny test models are dominated by per-op overhead: one intra-op thread is faster and immune to oversubscription
 # (child processes inherit it through the environment).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 TEST_THREADS = int(os.environ["OMP_NUM_THREADS"])
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 torch.set_num_threads(TEST_THREADS)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,3 +97,16 @@ def run_isolated(tmp_path):
         return proc.stdout
 
     return run
+
+
+def load_example(name: str):
+    """Import `examples/<name>.py` as a module (its `main(argv)` runs in this process)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    sys.path.insert(0, str(EXAMPLES))  # an example may import a sibling script
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return module

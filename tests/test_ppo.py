@@ -9,7 +9,6 @@ saved policy reloads.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -25,9 +24,10 @@ from transformers import AutoModelForCausalLM
 from qwenvl.rl import PPOConfig, PPOTrainer, per_token_values, vision_tower
 from qwenvl.testing import build_tiny_model_and_processor
 
+from conftest import EXAMPLES, load_example
+
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO / "examples"
 COLORS = {"red": (220, 30, 35), "blue": (30, 75, 220)}
 
 
@@ -315,14 +315,6 @@ def test_trainer_names_the_bad_row_and_field(tmp_path):
 # examples/ppo.py
 # ---------------------------------------------------------------------------------------------------------------------
 
-
-def load_example(name: str):
-    """Import `examples/<name>.py` as a module (its `main(argv)` runs in this process)."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_ppo_example_with_a_reward_model_and_ptx_writes_a_reloadable_policy(tmp_path):

@@ -6,10 +6,7 @@ and the loss is `-log sigmoid(r_chosen - r_rejected - margin)`.
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,8 +25,9 @@ from qwenvl.rl import (
 )
 from qwenvl.testing import build_tiny_model_and_processor
 
+from conftest import load_example
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
 COLORS = {"red": (220, 30, 35), "blue": (30, 75, 220)}
 
 
@@ -171,14 +169,6 @@ def test_reward_model_learns_a_preference_that_needs_the_image(tmp_path):
 # examples/reward.py
 # ---------------------------------------------------------------------------------------------------------------------
 
-
-def load_example(name: str):
-    """Import `examples/<name>.py` as a module (its `main(argv)` runs in this process)."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_reward_example_saves_a_hub_ready_reward_model(tmp_path):

@@ -3,10 +3,8 @@ scripts' hub-ready checkpoints, and resuming."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,20 +16,9 @@ from transformers import TrainerCallback, TrainingArguments
 from qwenvl.testing import build_tiny_model_and_processor
 from qwenvl.train import QwenVLDataCollator, QwenVLTrainer, apply_stage
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from conftest import load_example
 
 
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return module
 
 
 def scene(color: str, shape: str) -> Image.Image:

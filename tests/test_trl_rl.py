@@ -3,8 +3,6 @@ steps with our processor and write checkpoints that reload with `AutoModelForCau
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
@@ -14,20 +12,13 @@ from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
 from qwenvl.testing import build_tiny_model_and_processor
 
+from conftest import load_example
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
 TINY_TRL_ARGS = ["--use_cpu", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
                  "--logging_steps", "1", "--max_steps", "2"]
 
 
-
-def load_example(name: str):
-    """Import `examples/<name>.py` as a module (its `main(argv)` runs in this process)."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def assert_reloads(trainer, out: Path) -> None:

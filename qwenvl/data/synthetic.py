@@ -38,11 +38,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from collections.abc import Mapping
 
 import numpy as np
 from PIL import Image, ImageDraw

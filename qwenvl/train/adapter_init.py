@@ -49,6 +49,7 @@ def localize_adapter(model: nn.Module, scale: float = 4.0, n_frequencies: int = 
 
 
 def _find_resampler(model: nn.Module) -> nn.Module:
+    # By class name: a model loaded with trust_remote_code has its own copy of the class, not qwenvl's.
     for module in model.modules():
         if type(module).__name__ == "Resampler" and hasattr(module, "attn") and hasattr(module, "query"):
             return module
