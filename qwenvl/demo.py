@@ -93,6 +93,19 @@ def _sft_rows(data_dir: Path, split: str, tasks: tuple[str, ...] | None = None) 
     return [row for row in rows if task_of[row["id"]] in tasks]
 
 
+def _chat_texts(rows: list[dict]) -> list[str]:
+    """The rows as the model reads them (chat template included), so the template's words get merges too: trained
+    on the bare prompts and answers, the vocabulary split "system", "assistant" and the default system prompt into
+    single characters, and 44 of a VQA sample's 85 tokens were template."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from .tokenization_qwenvl import load_default_chat_template
+
+    rendered, _ = render_jinja_template(conversations=[row["messages"] for row in rows],
+                                        chat_template=load_default_chat_template(), trusted_text=True)
+    return rendered
+
+
 def _losses(log_history: list[dict], key: str = "loss") -> list[tuple[int, float]]:
     return [(entry["step"], entry[key]) for entry in log_history if key in entry and "step" in entry]
 
@@ -132,9 +145,8 @@ class Demo:
         from .tokenization_qwenvl import train_tokenizer
         from .train import localize_adapter
 
-        rows = _read_jsonl(self.paths.data / "train_samples.jsonl")
-        texts = [f"{row['prompt']} {row['answer']}" for row in rows]
-        tokenizer = train_tokenizer(texts, vocab_size=self.recipe["tokenizer_vocab_size"])
+        tokenizer = train_tokenizer(_chat_texts(_sft_rows(self.paths.data, "train")),
+                                    vocab_size=self.recipe["tokenizer_vocab_size"])
         eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         spec = json.loads(json.dumps(self.model_spec))
         spec["visual"]["image_start_id"] = tokenizer.convert_tokens_to_ids("<img>")
@@ -161,23 +173,23 @@ class Demo:
         rows = _read_jsonl(source)[:limit]
         vision = self.model_spec["visual"]
         grid = vision["image_size"] // vision["patch_size"]
-        pixels, classes, edges = [], [], []
+        pixels, classes, boxes = [], [], []
         for start in range(0, len(rows), 256):
             chunk = rows[start : start + 256]
             images = _load_images(chunk, self.paths.data, str(source))
             pixels.append(processor.image_processor(images, return_tensors="pt")["pixel_values"])
             for row in chunk:
-                c, e = patch_targets(row, grid)
-                classes.append(c)
-                edges.append(e)
-        return torch.cat(pixels), torch.from_numpy(np.stack(classes)), torch.from_numpy(np.stack(edges))
+                patch_classes, patch_boxes = patch_targets(row, grid)
+                classes.append(patch_classes)
+                boxes.append(patch_boxes)
+        return torch.cat(pixels), torch.from_numpy(np.stack(classes)), torch.from_numpy(np.stack(boxes))
 
     def stage_vision(self) -> dict:
         """Pre-train the ViT trunk from scratch on dense patch targets: what (colour, shape or digit) is where.
 
         The release starts stage 1 from a pre-trained OpenCLIP ViT; nothing can be downloaded here, so the demo
-        pre-trains its own. Every patch predicts the object under its centre and the distances to that object's box
-        edges (a linear head, thrown away afterwards). The position table starts as a 2-D sin-cos grid so positions
+        pre-trains its own. Every patch predicts the object under its centre and that object's box in image
+        coordinates (a linear head, thrown away afterwards). The position table starts as a 2-D sin-cos grid so positions
         are smooth from the first step. Only the trunk is saved changed; the adapter and the LLM stay as initialised.
         """
         import torch.nn.functional as F
@@ -195,19 +207,19 @@ class Demo:
         with torch.no_grad():
             side = int(table.shape[0] ** 0.5)
             table.copy_(torch.from_numpy(get_2d_sincos_pos_embed(table.shape[1], side)))
-        pixels, classes, edges = self._patch_batches("train", processor)
-        test_pixels, test_classes, test_edges = self._patch_batches("test", processor, limit=200)
+        pixels, classes, boxes = self._patch_batches("train", processor)
+        test_pixels, test_classes, test_boxes = self._patch_batches("test", processor, limit=200)
         background = len(PATCH_CLASSES)
         head = torch.nn.Linear(table.shape[1], background + 1 + 4)
         trunk = list(vit._trunk_parameters())
         optimizer = torch.optim.AdamW(trunk + list(head.parameters()), lr=recipe["learning_rate"], betas=(0.9, 0.98))
         generator = torch.Generator().manual_seed(self.seed)
 
-        def loss_of(out, target_classes, target_edges):
+        def loss_of(out, target_classes, target_boxes):
             on_object = target_classes != background
             class_loss = F.cross_entropy(out[..., : background + 1].flatten(0, 1), target_classes.flatten())
-            edge_loss = F.l1_loss(out[..., background + 1 :][on_object], target_edges[on_object])
-            return class_loss + 4.0 * edge_loss
+            box_loss = F.l1_loss(out[..., background + 1 :][on_object], target_boxes[on_object])
+            return class_loss + 4.0 * box_loss
 
         losses = []
         warmup = max(1, recipe["max_steps"] // 20)
@@ -215,7 +227,7 @@ class Demo:
             for group in optimizer.param_groups:
                 group["lr"] = recipe["learning_rate"] * min(1.0, step / warmup)
             index = torch.randint(0, len(pixels), (recipe["batch_size"],), generator=generator)
-            loss = loss_of(head(vit.encode_patches(pixels[index])), classes[index], edges[index])
+            loss = loss_of(head(vit.encode_patches(pixels[index])), classes[index], boxes[index])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -225,10 +237,10 @@ class Demo:
             out = head(vit.encode_patches(test_pixels))
             on_object = test_classes != background
             accuracy = (out[..., : background + 1].argmax(-1)[on_object] == test_classes[on_object]).float().mean()
-            edge_error = (out[..., background + 1 :][on_object] - test_edges[on_object]).abs().mean()
+            box_error = (out[..., background + 1 :][on_object] - test_boxes[on_object]).abs().mean()
         model.save_pretrained(self.paths.vision)
         processor.save_pretrained(self.paths.vision)
-        return {"losses": losses, "object_patch_accuracy": float(accuracy), "edge_error": float(edge_error),
+        return {"losses": losses, "object_patch_accuracy": float(accuracy), "box_error": float(box_error),
                 "n_scenes": len(pixels)}
 
     def _train_sft(self, source: Path, folder: Path, stage: str, recipe: dict, tasks: tuple[str, ...] | None) -> dict:
@@ -242,7 +254,9 @@ class Demo:
         rows = _sft_rows(self.paths.data, "train", tasks)
         trainer = QwenVLTrainer(
             model=model,
-            args=_training_arguments(folder, recipe, self.seed, self.device, self.bf16),
+            # Tasks differ 3x in length: batches of like lengths instead of mostly padding (2x faster steps here).
+            args=_training_arguments(folder, recipe, self.seed, self.device, self.bf16,
+                                     train_sampling_strategy="group_by_length"),
             train_dataset=rows,
             data_collator=QwenVLDataCollator(processor),
             processing_class=processor,

@@ -35,7 +35,7 @@ def test_vit_pretraining_changes_only_the_vit_trunk(demo_dir):
     from safetensors.torch import load_file
 
     vision = json.loads((demo_dir / "vision" / "done.json").read_text())
-    assert 0.0 <= vision["object_patch_accuracy"] <= 1.0 and vision["edge_error"] >= 0.0
+    assert 0.0 <= vision["object_patch_accuracy"] <= 1.0 and vision["box_error"] >= 0.0
     before = load_file(demo_dir / "init" / "model.safetensors")
     after = load_file(demo_dir / "vision" / "model.safetensors")
     trunk = ("visual.conv1.", "visual.positional_embedding", "visual.ln_pre.", "visual.transformer.")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
 from qwenvl.testing import build_tiny_model_and_processor
-from qwenvl.train import QwenVLDataCollator, QwenVLTrainer, apply_stage
+from qwenvl.train import LengthGroupedBatchOrder, QwenVLDataCollator, QwenVLTrainer, apply_stage
 
 from conftest import load_example
 
@@ -244,3 +244,43 @@ def test_pretrain_script_trains_only_the_adapter_on_captions(tmp_path, caption_d
         trains = name.startswith(adapter) and not name.endswith("pos_embed")
         assert torch.equal(tensor, after[name]) != trains, name
     assert "stage 1, adapter pre-training" in (out / "README.md").read_text()
+
+
+def test_length_grouped_batch_order_visits_every_row_once_in_batches_of_like_lengths():
+    lengths = [10] * 40 + [100] * 40 + [55] * 23  # three tasks, 103 rows: one short batch of 7
+    order = list(LengthGroupedBatchOrder(lengths, batch_size=8, generator=torch.Generator().manual_seed(0),
+                                         window=13))
+    assert sorted(order) == list(range(len(lengths)))
+    batches = [order[i : i + 8] for i in range(0, len(order), 8)]
+    assert len(batches[-1]) == 7  # the short batch comes last, so the DataLoader's cuts meet the batches
+    spreads = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
+    assert sum(s == 0 for s in spreads) >= 10  # only the batches at the two length changes mix lengths
+    # Batches are shuffled, not sorted: long and short batches alternate over the epoch.
+    firsts = [lengths[b[0]] for b in batches[:-1]]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)
+    again = list(LengthGroupedBatchOrder(lengths, batch_size=8, generator=torch.Generator().manual_seed(0),
+                                         window=13))
+    assert again == order
+
+
+def test_group_by_length_works_on_chat_rows_and_cuts_padding(tmp_path):
+    model, processor = build_tiny_model_and_processor(seed=0)
+    apply_stage(model, "multitask", verbose=False)
+    collator = QwenVLDataCollator(processor)
+    rows = MIXED * 4
+    widths = []
+
+    def recording_collator(features):
+        batch = collator(features)
+        widths.append(batch["input_ids"].shape[1])
+        return batch
+
+    recording_collator.encode = collator.encode
+    args = training_args(tmp_path, per_device_train_batch_size=4, max_steps=8, learning_rate=1e-3,
+                         train_sampling_strategy="group_by_length")
+    trainer = QwenVLTrainer(model=model, args=args, train_dataset=rows, data_collator=recording_collator,
+                            processing_class=processor)
+    trainer.train()
+    own = sorted(len(collator.encode(row).input_ids) for row in rows)
+    # Grouped: the padded widths sum to barely more than the rows' own lengths (random batches pad to each max).
+    assert sum(w * 4 for w in widths) <= 1.15 * sum(own)

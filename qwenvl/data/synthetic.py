@@ -484,15 +484,16 @@ def patch_targets(scene: Mapping[str, Any], grid: int) -> tuple[np.ndarray, np.n
     """Dense targets for a `grid` x `grid` patch grid over a scene (a `Scene.to_dict()` / `<split>_scenes.jsonl` row).
 
     Returns `classes` (grid², int64): the `PATCH_CLASSES` index of the object whose box holds the patch centre, else
-    the background index; and `edges` (grid², 4, float32): for object patches, the distances from the patch centre
-    to the box's left, top, right and bottom edges as fractions of the image side (0 for background patches). They
-    stand in for the supervision a real vision encoder gets in its own pre-training: what is where, to the pixel.
+    the background index; and `boxes` (grid², 4, float32): for object patches, that object's box (x1, y1, x2, y2) as
+    fractions of the image side (0 for background patches). They stand in for the supervision a real vision encoder
+    gets in its own pre-training: what is where, to the pixel. The box is absolute, not relative to the patch, so an
+    image token holds the coordinates the LLM writes in `<box>` (relative edges: REC 0.12 vs 0.22, docs/demo_run5).
     """
     if not isinstance(grid, int) or grid < 1:
         raise ValueError(f"grid must be a positive integer, got {grid!r}")
     width, height = scene["image_size"]
     classes = np.full(grid * grid, len(PATCH_CLASSES), dtype=np.int64)
-    edges = np.zeros((grid * grid, 4), dtype=np.float32)
+    boxes = np.zeros((grid * grid, 4), dtype=np.float32)
     centres = (np.arange(grid, dtype=np.float32) + 0.5) / grid
     for obj in scene["objects"]:
         x1, y1, x2, y2 = obj["box"]
@@ -501,11 +502,9 @@ def patch_targets(scene: Mapping[str, Any], grid: int) -> tuple[np.ndarray, np.n
         label = PATCH_CLASSES.index(f"{obj['color']} {noun}")
         for gy in np.flatnonzero((centres >= y1) & (centres < y2)):
             for gx in np.flatnonzero((centres >= x1) & (centres < x2)):
-                index = gy * grid + gx
-                cx, cy = centres[gx], centres[gy]
-                classes[index] = label
-                edges[index] = (cx - x1, cy - y1, x2 - cx, y2 - cy)
-    return classes, edges
+                classes[gy * grid + gx] = label
+                boxes[gy * grid + gx] = (x1, y1, x2, y2)
+    return classes, boxes
 
 
 # ---------------------------------------------------------------------------------------------------------------------
