@@ -31,6 +31,16 @@ def test_every_stage_runs_and_the_outputs_are_written(demo_dir):
     assert "ViT pre-training | object-patch accuracy" in report
 
 
+def test_the_tokenizer_was_trained_on_the_chat_template_too(demo_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "init", trust_remote_code=True)
+    # Trained on bare prompts and answers, these words fell apart into single characters (44 of 85 VQA tokens).
+    for word in ("system", "user", "assistant"):
+        assert len(tokenizer.tokenize(word)) == 1, (word, tokenizer.tokenize(word))
+    assert len(tokenizer.tokenize("You are a helpful assistant.")) <= 6  # was 19
+
+
 def test_vit_pretraining_changes_only_the_vit_trunk(demo_dir):
     from safetensors.torch import load_file
 
