@@ -139,7 +139,8 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
         "|---|---|---|",
         f"| data + tokenizer | {records.get('data', {}).get('n_train_scenes', '?')} training scenes × 4 tasks | "
         f"{_fmt(records.get('data', {}).get('seconds'), 0)} |",
-        f"| ViT pre-training | object-patch accuracy {_fmt(vision.get('object_patch_accuracy'))}, box error "
+        f"| vision pre-training | object class from patches {_fmt(vision.get('object_patch_accuracy'))}, from image "
+        f"tokens {_fmt(vision.get('object_token_accuracy'))}, box error "
         f"{_fmt(vision.get('box_error'))} of the image side (test scenes) | {_fmt(vision.get('seconds'), 0)} |",
         f"| reward model | held-out pairwise accuracy {_fmt(pairwise)} | {_fmt(reward.get('seconds'), 0)} |",
         f"| PPO-ptx | held-out mean reward {_fmt(ppo.get('reward_sft'))} (SFT) → {_fmt(ppo.get('reward_ppo'))} (PPO) | "

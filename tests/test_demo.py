@@ -28,7 +28,7 @@ def test_every_stage_runs_and_the_outputs_are_written(demo_dir):
         assert (demo_dir / stage / "done.json").exists(), stage
     report = (demo_dir / "report.md").read_text()
     assert "stage 2: multi-task SFT" in report and "PPO-ptx" in report and "## Targets" in report
-    assert "ViT pre-training | object-patch accuracy" in report
+    assert "vision pre-training | object class from patches" in report
 
 
 def test_the_tokenizer_was_trained_on_the_chat_template_too(demo_dir):
@@ -41,16 +41,19 @@ def test_the_tokenizer_was_trained_on_the_chat_template_too(demo_dir):
     assert len(tokenizer.tokenize("You are a helpful assistant.")) <= 6  # was 19
 
 
-def test_vit_pretraining_changes_only_the_vit_trunk(demo_dir):
+def test_vision_pretraining_changes_only_the_vision_tower(demo_dir):
     from safetensors.torch import load_file
 
     vision = json.loads((demo_dir / "vision" / "done.json").read_text())
-    assert 0.0 <= vision["object_patch_accuracy"] <= 1.0 and vision["box_error"] >= 0.0
+    for key in ("object_patch_accuracy", "object_token_accuracy"):
+        assert 0.0 <= vision[key] <= 1.0
+    assert vision["box_error"] >= 0.0
     before = load_file(demo_dir / "init" / "model.safetensors")
     after = load_file(demo_dir / "vision" / "model.safetensors")
-    trunk = ("visual.conv1.", "visual.positional_embedding", "visual.ln_pre.", "visual.transformer.")
     changed = {name for name in before if not torch.equal(before[name], after[name])}
-    assert changed and all(any(part in name for part in trunk) for name in changed), sorted(changed)
+    assert changed and all(name.startswith("transformer.visual.") for name in changed), sorted(changed)
+    assert any(".attn_pool." in name for name in changed) and any(".transformer.resblocks." in name for name in changed)
+    assert "transformer.visual.attn_pool.pos_embed" not in changed  # the fixed sin-cos table stays fixed
     assert Image.open(demo_dir / "loss.png").size[0] > 500
     assert Image.open(demo_dir / "grounding.png").size[0] > 50
     data = json.loads((demo_dir / "data" / "dataset_info.json").read_text())
@@ -90,3 +93,21 @@ def test_a_rerun_continues_from_finished_stages(demo_dir):
     records = run_demo(demo_dir, quick=True, seed=0)
     assert time.perf_counter() - start < 60
     assert set(records) == set(STAGES)
+
+
+def test_image_token_targets_take_the_object_covering_most_of_the_cell():
+    from qwenvl.data.synthetic import PATCH_CLASSES
+    from qwenvl.demo import _cell_targets
+
+    bg = len(PATCH_CLASSES)
+    classes = torch.full((1, 16), bg)  # a 4 x 4 patch grid, 2 x 2 image tokens
+    classes[0, [0, 1, 4]] = 7  # three patches of object 7 in the top-left cell
+    classes[0, 5] = 9  # and one of object 9
+    boxes = torch.zeros(1, 16, 4)
+    boxes[0, [0, 1, 4]] = torch.tensor([0.0, 0.0, 0.4, 0.4])
+    boxes[0, 5] = torch.tensor([0.2, 0.2, 0.6, 0.6])
+    labels, cell_boxes = _cell_targets(classes, boxes, cells=4)
+    assert labels.tolist() == [[7, bg, bg, bg]]
+    assert cell_boxes[0, 0].tolist() == pytest.approx([0.0, 0.0, 0.4, 0.4]) and not cell_boxes[0, 1:].any()
+    with pytest.raises(ValueError, match="do not tile"):
+        _cell_targets(classes, boxes, cells=9)
