@@ -1,8 +1,8 @@
 """`qwenvl demo`: the whole mission on one CPU, with no downloads.
 
-data → tokenizer → ViT pre-training → stage 1 (adapter only) → stage 2 (multi-task SFT) → reward model → PPO-ptx →
-evaluation after every stage, written to an output folder as `report.md`, `loss.png`, `grounding.png` and a hub-ready
-final checkpoint.
+data → tokenizer → vision pre-training → stage 1 (adapter only) → stage 2 (multi-task SFT) → reward model →
+PPO-ptx → evaluation after every stage, written to an output folder as `report.md`, `loss.png`, `grounding.png` and a
+hub-ready final checkpoint.
 Each finished stage leaves `<stage>/done.json`; a re-run continues after the last finished stage.
 """
 
@@ -215,9 +215,9 @@ class Demo:
         pre-trains its own. Every patch predicts the object under its centre and that object's box in image
         coordinates; every image token (the adapter's output, what the LLM reads) predicts the same for the object
         covering most of its grid cell. Both heads are linear and thrown away afterwards. The token targets matter:
-        trained on patches only, the object class was linearly decodable from 80 % of a cell's patches but from
-        71 % of its image token before stage 2 and 13 % after it (docs/demo_run6). The position table starts as a
-        2-D sin-cos grid so positions are smooth from the first step. The LLM stays as initialised.
+        trained on patches only, the object class was linearly decodable from 80 % of a cell's patches but from 71 %
+        of its image token before stage 2 and 13 % after it (README, the demo findings). The position table starts
+        as a 2-D sin-cos grid so positions are smooth from the first step. The LLM stays as initialised.
         """
         import torch.nn.functional as F
         from transformers import AutoModelForCausalLM

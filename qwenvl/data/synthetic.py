@@ -487,7 +487,7 @@ def patch_targets(scene: Mapping[str, Any], grid: int) -> tuple[np.ndarray, np.n
     the background index; and `boxes` (grid², 4, float32): for object patches, that object's box (x1, y1, x2, y2) as
     fractions of the image side (0 for background patches). They stand in for the supervision a real vision encoder
     gets in its own pre-training: what is where, to the pixel. The box is absolute, not relative to the patch, so an
-    image token holds the coordinates the LLM writes in `<box>` (relative edges: REC 0.12 vs 0.22, docs/demo_run5).
+    image token holds the coordinates the LLM writes in `<box>` (relative edges: REC 0.12 vs 0.22; README, demo).
     """
     if not isinstance(grid, int) or grid < 1:
         raise ValueError(f"grid must be a positive integer, got {grid!r}")
