@@ -109,7 +109,9 @@ def _cell_targets(classes: torch.Tensor, boxes: torch.Tensor, cells: int) -> tup
     f = grid // side
     per_cell = classes.reshape(n, side, f, side, f).permute(0, 1, 3, 2, 4).reshape(n, cells, f * f)
     cell_boxes = boxes.reshape(n, side, f, side, f, 4).permute(0, 1, 3, 2, 4, 5).reshape(n, cells, f * f, 4)
-    votes = torch.nn.functional.one_hot(per_cell, background + 1)[..., :background].sum(2)  # (n, cells, classes)
+    votes = torch.zeros(n, cells, background + 1, dtype=torch.int32)  # (n, cells, classes + background)
+    votes.scatter_add_(2, per_cell, torch.ones_like(per_cell, dtype=torch.int32))
+    votes = votes[..., :background]  # a one-hot of every patch would be 390 MB for the 10k training scenes
     covered = votes.amax(-1) > 0
     label = torch.where(covered, votes.argmax(-1), torch.full_like(per_cell[..., 0], background))
     first = (per_cell == label.unsqueeze(-1)).int().argmax(-1)  # a patch of the winning object: its box
@@ -254,9 +256,6 @@ class Demo:
             box_loss = F.l1_loss(out[..., background + 1 :][on_object], target_boxes[on_object])
             return class_loss + 4.0 * box_loss
 
-        def tokens_of(patches):
-            return vit.ln_post(vit.attn_pool(patches)) @ vit.proj  # the vision tower's forward after the trunk
-
         losses = []
         warmup = max(1, recipe["max_steps"] // 20)
         for step in range(1, recipe["max_steps"] + 1):
@@ -265,7 +264,7 @@ class Demo:
             index = torch.randint(0, len(pixels), (recipe["batch_size"],), generator=generator)
             patches = vit.encode_patches(pixels[index])
             loss = loss_of(patch_head(patches), classes[index], boxes[index]) + loss_of(
-                token_head(tokens_of(patches)), token_classes[index], token_boxes[index]
+                token_head(vit.pool_patches(patches)), token_classes[index], token_boxes[index]
             )
             loss.backward()
             optimizer.step()
@@ -274,7 +273,7 @@ class Demo:
                 losses.append((step, float(loss)))
         with torch.no_grad():
             patches = vit.encode_patches(test_pixels)
-            patch_out, token_out = patch_head(patches), token_head(tokens_of(patches))
+            patch_out, token_out = patch_head(patches), token_head(vit.pool_patches(patches))
 
         def accuracy(out, target_classes):
             on_object = target_classes != background

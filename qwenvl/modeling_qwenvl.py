@@ -257,8 +257,11 @@ class VisionTransformer(nn.Module):
                 f"pixel_values must be square images whose side is a multiple of {self.patch_size}, "
                 f"got {tuple(pixel_values.shape[-2:])} (the processor resizes to {self.image_size})"
             )
-        x = self.attn_pool(self.encode_patches(pixel_values))
-        return self.ln_post(x) @ self.proj
+        return self.pool_patches(self.encode_patches(pixel_values))
+
+    def pool_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """The adapter on top of the trunk: patch features → the image tokens the LLM reads."""
+        return self.ln_post(self.attn_pool(patches)) @ self.proj
 
 
 # ----------------------------------------------------------------------------------------------------------------
