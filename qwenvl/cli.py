@@ -131,7 +131,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device)
+    run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, bf16=args.bf16)
     print(f"report: {os.path.join(args.out, 'report.md')}; final checkpoint: {os.path.join(args.out, 'final')}")
     return 0
 
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a reduced size (CI): every stage runs, numbers are small")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="train under bf16 autocast (default: where the device computes bf16 natively)")
     p.set_defaults(func=_demo)
     return parser
 
