@@ -140,14 +140,14 @@ class Demo:
     """Runs the stages in order, skipping finished ones. `quick=True` is the reduced size CI runs."""
 
     def __init__(self, out: str | os.PathLike, quick: bool = False, seed: int = 0, device: str = "cpu",
-                 bf16: bool | None = None):
+                 bf16: bool = False):
         spec = json.loads(CONFIG_PATH.read_text())
         self.model_spec = spec["model"]
         self.recipe = spec["quick" if quick else "full"]
         self.quick = quick
         self.seed = seed
         self.device = device
-        self.bf16 = native_bf16(device) if bf16 is None else bool(bf16)
+        self.bf16 = bool(bf16)  # fp32 by default: bf16 autocast saves little at this size (README, demo findings)
         self.paths = DemoPaths(Path(out))
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.records: dict[str, dict] = {}
@@ -271,7 +271,7 @@ class Demo:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if step % max(1, recipe["max_steps"] // 50) == 0:
-                losses.append((step, float(loss)))
+                losses.append((step, loss.item()))
         with torch.no_grad():
             patches = vit.encode_patches(test_pixels)
             patch_out, token_out = patch_head(patches), token_head(vit.pool_patches(patches))
@@ -475,24 +475,6 @@ class Demo:
         write_report(self.records, self.paths.root / "report.md", quick=self.quick, machine=machine_summary(self.bf16))
 
 
-def native_bf16(device: str) -> bool:
-    """Whether `device` computes in bf16 natively (CUDA with bf16, or a CPU with AVX512-BF16 / AMX).
-
-    There the demo trains under bf16 autocast: 1.3x faster steps than fp32 on the 2-core reference machine, spent on
-    more SFT steps (docs/demo_run7). Elsewhere bf16 is emulated and slower, so the demo stays in fp32.
-    """
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device != "cpu":
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def machine_summary(bf16: bool) -> str:
     precision = "bf16 autocast" if bf16 else "fp32"
     return (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
@@ -500,5 +482,5 @@ def machine_summary(bf16: bool) -> str:
 
 
 def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, seed: int = 0, device: str = "cpu",
-             bf16: bool | None = None) -> dict:
+             bf16: bool = False) -> dict:
     return Demo(out, quick=quick, seed=seed, device=device, bf16=bf16).run()

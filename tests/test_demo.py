@@ -111,3 +111,25 @@ def test_image_token_targets_take_the_object_covering_most_of_the_cell():
     assert cell_boxes[0, 0].tolist() == pytest.approx([0.0, 0.0, 0.4, 0.4]) and not cell_boxes[0, 1:].any()
     with pytest.raises(ValueError, match="do not tile"):
         _cell_targets(classes, boxes, cells=9)
+
+
+def test_bf16_autocast_is_opt_in_from_the_command_line(monkeypatch, tmp_path):
+    import qwenvl.demo as demo_module
+    from qwenvl.cli import build_parser
+
+    assert build_parser().parse_args(["demo"]).bf16 is False
+    assert build_parser().parse_args(["demo", "--bf16"]).bf16 is True
+    assert demo_module.Demo(tmp_path).bf16 is False
+    assert "training in bf16 autocast" in demo_module.machine_summary(True)
+    assert "training in fp32" in demo_module.machine_summary(False)
+
+    seen = []
+
+    def fake_run(self):
+        seen.append(self.bf16)
+        return {}
+
+    monkeypatch.setattr(demo_module.Demo, "run", fake_run)
+    args = build_parser().parse_args(["demo", "--bf16", "--out", str(tmp_path / "out")])
+    args.func(args)
+    assert seen == [True]
