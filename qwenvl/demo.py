@@ -240,7 +240,7 @@ class Demo:
         test_pixels, test_classes, test_boxes = self._patch_batches("test", processor, limit=200)
         cells = vit.attn_pool.query.shape[0]
         token_classes, token_boxes = _cell_targets(classes, boxes, cells)
-        test_token_classes, test_token_boxes = _cell_targets(test_classes, test_boxes, cells)
+        test_token_classes, _ = _cell_targets(test_classes, test_boxes, cells)  # box error is scored on patches
         background = len(PATCH_CLASSES)
         patch_head = torch.nn.Linear(table.shape[1], background + 1 + 4)
         token_head = torch.nn.Linear(vit.proj.shape[1], background + 1 + 4)
@@ -262,7 +262,8 @@ class Demo:
             for group in optimizer.param_groups:
                 group["lr"] = recipe["learning_rate"] * min(1.0, step / warmup)
             index = torch.randint(0, len(pixels), (recipe["batch_size"],), generator=generator)
-            with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
+            # This stage computes where its tensors are (on the CPU; it does not move them to `--device`).
+            with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 patches = vit.encode_patches(pixels[index])
                 loss = loss_of(patch_head(patches), classes[index], boxes[index]) + loss_of(
                     token_head(vit.pool_patches(patches)), token_classes[index], token_boxes[index]
