@@ -7,6 +7,7 @@ fraction of the ceiling is comparable to MFU as usually reported.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import nn
@@ -92,6 +93,17 @@ def _proj_flops(s: Shapes) -> int:
     return 2 * s.queries * s.d * s.d
 
 
+def position_resize_flops(s: Shapes) -> int:
+    """Resizing the ViT's 16×16 positional table and the adapter's √Q×√Q one to the √P×√P patch grid: two small
+    matmuls each (`get_abs_pos`), once per vision forward whatever the number of images; none where the grids match."""
+    target = math.isqrt(s.patches)
+    total = 0
+    for source, channels in ((16, s.vit_width), (math.isqrt(s.queries), s.d)):
+        if source != target:
+            total += 2 * (target * source * source + target * target * source) * channels
+    return total
+
+
 def train_step_flops(s: Shapes, batch: int, seq_len: int, images: int) -> int:
     """Forward + backward of one stage-2 SFT step, counting the gradients that are actually computed.
 
@@ -102,18 +114,20 @@ def train_step_flops(s: Shapes, batch: int, seq_len: int, images: int) -> int:
     """
     llm = batch * llm_forward_flops(s, seq_len, logits_positions=seq_len)
     per_image = 3 * _adapter_attention_flops(s) + 2 * _kv_proj_flops(s) + 2 * _proj_flops(s) + vit_forward_flops(s)
-    return 3 * llm + images * per_image
+    return 3 * llm + images * per_image + position_resize_flops(s)  # the tables are frozen: forward only
 
 
 def prefill_flops(s: Shapes, batch: int, prompt_len: int, images: int) -> int:
     """The prompt forward of `generate`: vision for every image, blocks over the prompt, logits for the last token."""
-    return batch * llm_forward_flops(s, prompt_len, logits_positions=1) + images * (
-        vit_forward_flops(s) + adapter_forward_flops(s)
+    return (
+        batch * llm_forward_flops(s, prompt_len, logits_positions=1)
+        + images * (vit_forward_flops(s) + adapter_forward_flops(s))
+        + position_resize_flops(s)
     )
 
 
 def vision_flops(s: Shapes, images: int) -> int:
-    return images * (vit_forward_flops(s) + adapter_forward_flops(s))
+    return images * (vit_forward_flops(s) + adapter_forward_flops(s)) + position_resize_flops(s)
 
 
 def decode_weight_bytes(model: nn.Module) -> int:

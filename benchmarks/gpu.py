@@ -20,14 +20,15 @@ import torch
 from . import flops
 from .suite import load_config
 from .timing import RssPeak, measure
-from .workloads import Mode, TrainStep, build_model, generate_fn, prompt_batch, train_batch
+from .workloads import Mode, TrainStep, build_model, compile_regions, generate_fn, prompt_batch, train_batch
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (no sparsity), TFLOP/s, matched against the device name.
 DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4))
 
 GPU_FIELDS = ("name", "model", "train", "generate", "ceilings")
 DRY_RUN_SHAPES = {
-    "train": {"batch_size": 2, "seq_len": 64, "images_per_sample": 1, "repeats": 2, "warmup": 1},
+    "train": {"batch_size": 2, "seq_len": 64, "images_per_sample": 1, "repeats": 2, "warmup": 1,
+              "compiled_batch_sizes": [2]},
     "generate": {"prompt_text_tokens": 8, "new_tokens": 8, "batch_sizes": [1, 2], "repeats": 1},
     "ceilings": {"matmul_n": 256, "copy_mib": 16, "repeats": 2},
 }
@@ -88,6 +89,55 @@ def step_memory(step, device: torch.device) -> dict:
     return {"before": probe.start_bytes, "peak": probe.peak_bytes}
 
 
+def train_figures(model, step, batch: dict, train: dict, peak: float | None, ceil: dict, device: torch.device) -> dict:
+    """Time `step` (repeat-and-median after warm-up) and express it as samples/s, tokens/s and model FLOP/s."""
+    batch_size = batch["input_ids"].shape[0]
+    timing = measure(synchronized(step, device), repeats=train["repeats"], warmup=train["warmup"])
+    shapes = flops.Shapes.from_config(model.config)
+    work = flops.train_step_flops(shapes, batch_size, train["seq_len"], batch["pixel_values"].shape[0])
+    achieved = work / timing.median_s
+    return {
+        "batch_size": batch_size,
+        "seq_len": train["seq_len"],
+        "timing": timing.to_dict(),
+        "samples_per_s": batch_size / timing.median_s,
+        "tokens_per_s": batch_size * train["seq_len"] / timing.median_s,
+        "model_flops_per_step": work,
+        "achieved_flops_per_s": achieved,
+        "mfu_vs_datasheet": achieved / peak if peak else None,
+        "fraction_of_measured_matmul_ceiling": achieved / ceil["matmul_bf16_flops_per_s"],
+    }
+
+
+def compiled_training(config: dict, mode: Mode, device: torch.device, peak: float | None, ceil: dict, log) -> dict:
+    """The training step again on a fresh model with `compile_regions`, at each of `compiled_batch_sizes`.
+
+    An out-of-memory batch size is recorded as such and the larger ones skipped.
+    """
+    train = config["train"]
+    model = build_model(config["model"], device=device)
+    started = time.perf_counter()
+    compile_regions(model)
+    figures = {}
+    for batch_size in train.get("compiled_batch_sizes", [train["batch_size"]]):
+        log(f"[gpu] compiled training step, batch {batch_size} ...")
+        batch = train_batch(model.config, batch_size, train["seq_len"], train["images_per_sample"], device=device)
+        try:
+            step = TrainStep(model, mode, batch)
+            synchronized(step, device)()  # compiles (the first batch size) or checks for a recompile
+            if not figures:
+                figures["compile_and_first_step_s"] = time.perf_counter() - started
+            figures[f"b{batch_size}"] = train_figures(model, step, batch, train, peak, ceil, device)
+        except torch.OutOfMemoryError:
+            figures[f"b{batch_size}"] = "out of memory"
+            break
+        finally:
+            step = batch = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return figures
+
+
 def run(config: dict, device: torch.device, log) -> dict:
     backend = attention_backend(device)
     mode = Mode(f"{device.type}-bf16", backend, True, torch.bfloat16, True)
@@ -121,21 +171,7 @@ def run(config: dict, device: torch.device, log) -> dict:
             results["attn_implementation"] = f"sdpa ({backend} failed: {type(err).__name__})"
             mode = Mode(mode.name, "sdpa", True, torch.bfloat16, True)
     log(f"[gpu] training step, batch {batch_size} ...")
-    timing = measure(synchronized(step, device), repeats=train["repeats"], warmup=train["warmup"])
-    shapes = flops.Shapes.from_config(model.config)
-    work = flops.train_step_flops(shapes, batch_size, train["seq_len"], batch["pixel_values"].shape[0])
-    achieved = work / timing.median_s
-    results["train"] = {
-        "batch_size": batch_size,
-        "seq_len": train["seq_len"],
-        "timing": timing.to_dict(),
-        "samples_per_s": batch_size / timing.median_s,
-        "tokens_per_s": batch_size * train["seq_len"] / timing.median_s,
-        "model_flops_per_step": work,
-        "achieved_flops_per_s": achieved,
-        "mfu_vs_datasheet": achieved / peak if peak else None,
-        "fraction_of_measured_matmul_ceiling": achieved / ceil["matmul_bf16_flops_per_s"],
-    }
+    results["train"] = train_figures(model, step, batch, train, peak, ceil, device)
     log("[gpu] peak memory with and without checkpointing ...")
     memory = {"no_checkpointing": step_memory(step, device)}
     model.activation_checkpointing_enable()
@@ -170,6 +206,8 @@ def run(config: dict, device: torch.device, log) -> dict:
             "prefill": t1.to_dict(),
             "generate": tn.to_dict(),
         }
+    del model
+    results["train_compiled"] = compiled_training(config, mode, device, peak, ceil, log)
     return results
 
 
@@ -189,6 +227,16 @@ def format_table(results: dict) -> str:
         f"{m['checkpointing']['peak'] / 2**30:.2f} GiB (ratio {m['peak_ratio']:.2f}; step increase ratio "
         + (f"{m['step_increase_ratio']:.2f})" if m["step_increase_ratio"] is not None else "n/a)"),
     ]
+    for key, r in results.get("train_compiled", {}).items():
+        if not key.startswith("b"):
+            continue
+        if isinstance(r, str):
+            lines.append(f"compiled train step, {key}: {r}")
+            continue
+        mfu = f"{r['mfu_vs_datasheet']:.1%}" if r["mfu_vs_datasheet"] is not None else "n/a"
+        lines.append(f"compiled train (batch {r['batch_size']} x {r['seq_len']}) {r['timing']['median_s'] * 1e3:6.1f} ms "
+                     f"±{r['timing']['noise_pct']:.0f}%  {r['tokens_per_s']:,.0f} tok/s  MFU {mfu} of datasheet, "
+                     f"{r['fraction_of_measured_matmul_ceiling']:.1%} of measured matmul")
     for key in (k for k in d if k.startswith("b")):
         r = d[key]
         lines.append(f"decode {key:<4} {r['decode_tokens_per_s']:10.1f} tok/s  step {r['step_over_floor']:.1f}x the "

@@ -7,6 +7,7 @@ Parameter names and shapes are those of the original release (`transformer.visua
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -68,19 +69,36 @@ def _attention_interface(config: QwenVLConfig) -> Callable:
     return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
 
 
+@functools.lru_cache(maxsize=16)
+def _bicubic_resize_matrix(src: int, tgt: int, device: torch.device) -> torch.Tensor:
+    """(tgt, src) weights of PyTorch's 1-D bicubic resize (align_corners=False, borders clamped), read off the basis.
+
+    Bicubic resizing is separable, so a (src, src) grid resizes as `A @ grid @ A.T` per channel. Built outside
+    inference mode so that a matrix first made during `generate` can later take part in training.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        basis = torch.eye(src, dtype=torch.float32).reshape(src, 1, 1, src)
+        rows = F.interpolate(basis, size=(1, tgt), mode="bicubic", align_corners=False)
+        return rows.reshape(src, tgt).t().contiguous().to(device)
+
+
 def get_abs_pos(abs_pos: torch.Tensor, num_positions: int) -> torch.Tensor:
     """Resize a square (side², C) positional table to `num_positions` entries with bicubic interpolation in fp32.
 
     Both the ViT's 16×16 table and the adapter's key positions are stored for a 224-px grid and stretched to the
-    actual grid (32×32 at 448 px), exactly as in the original.
+    actual grid (32×32 at 448 px), as in the original. Same values as `F.interpolate(..., mode="bicubic")`, computed
+    as two small matmuls: PyTorch's bicubic CUDA kernel loops over the channels inside each thread and took 6.6 ms
+    per call on an H100 (13 ms, 6 % of the 1 B benchmark's training step).
     """
     src = int(math.sqrt(abs_pos.shape[0]))
     tgt = int(math.sqrt(num_positions))
     if src == tgt:
         return abs_pos
-    grid = abs_pos.float().reshape(1, src, src, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(tgt, tgt), mode="bicubic", align_corners=False)
-    return grid.permute(0, 2, 3, 1).flatten(0, 2).to(abs_pos.dtype)
+    resize = _bicubic_resize_matrix(src, tgt, abs_pos.device)
+    grid = abs_pos.float().reshape(src, src, -1)
+    grid = torch.matmul(resize, grid.transpose(0, 1))  # columns: (src_x, tgt_y, C)
+    grid = torch.matmul(resize, grid.transpose(0, 1))  # rows:    (tgt_y, tgt_x, C)
+    return grid.flatten(0, 1).to(abs_pos.dtype)
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:

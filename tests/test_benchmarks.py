@@ -302,4 +302,6 @@ def test_gpu_script_runs_its_code_path_on_the_cpu(tmp_path):
     assert r["attn_implementation"] == "sdpa" and r["device"] == "cpu (dry run)"
     assert positive(r["train"]["achieved_flops_per_s"]) and r["train"]["mfu_vs_datasheet"] is None
     assert positive(r["decode"]["b1"]["decode_tokens_per_s"]) and positive(r["decode"]["b2"]["step_over_floor"])
-    assert "MFU" in proc.stdout
+    assert positive(r["train_compiled"]["compile_and_first_step_s"])
+    assert positive(r["train_compiled"]["b2"]["achieved_flops_per_s"]) and r["train_compiled"]["b2"]["batch_size"] == 2
+    assert "MFU" in proc.stdout and "compiled train (batch 2 x 64)" in proc.stdout
