@@ -244,6 +244,13 @@ class Demo:
         background = len(PATCH_CLASSES)
         patch_head = torch.nn.Linear(table.shape[1], background + 1 + 4)
         token_head = torch.nn.Linear(vit.proj.shape[1], background + 1 + 4)
+        # Everything this stage computes with lives on `--device` (10k 64-px scenes: ~0.5 GB of pixels).
+        device = torch.device(self.device)
+        vit.to(device), patch_head.to(device), token_head.to(device)
+        pixels, classes, boxes, token_classes, token_boxes, test_pixels, test_classes, test_boxes, test_token_classes = (
+            t.to(device) for t in (pixels, classes, boxes, token_classes, token_boxes, test_pixels, test_classes,
+                                   test_boxes, test_token_classes)
+        )
         vit.attn_pool.pos_embed.requires_grad_(False)  # the adapter's fixed sin-cos table never trains
         tower = [p for p in vit.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(tower + list(patch_head.parameters()) + list(token_head.parameters()),
@@ -261,9 +268,8 @@ class Demo:
         for step in range(1, recipe["max_steps"] + 1):
             for group in optimizer.param_groups:
                 group["lr"] = recipe["learning_rate"] * min(1.0, step / warmup)
-            index = torch.randint(0, len(pixels), (recipe["batch_size"],), generator=generator)
-            # This stage computes where its tensors are (on the CPU; it does not move them to `--device`).
-            with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            index = torch.randint(0, len(pixels), (recipe["batch_size"],), generator=generator).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 patches = vit.encode_patches(pixels[index])
                 loss = loss_of(patch_head(patches), classes[index], boxes[index]) + loss_of(
                     token_head(vit.pool_patches(patches)), token_classes[index], token_boxes[index]
@@ -283,7 +289,7 @@ class Demo:
 
         on_object = test_classes != background
         box_error = (patch_out[..., background + 1 :][on_object] - test_boxes[on_object]).abs().mean()
-        model.save_pretrained(self.paths.vision)
+        model.to("cpu").save_pretrained(self.paths.vision)
         processor.save_pretrained(self.paths.vision)
         return {"losses": losses, "object_patch_accuracy": accuracy(patch_out, test_classes),
                 "object_token_accuracy": accuracy(token_out, test_token_classes), "box_error": float(box_error),
@@ -380,9 +386,9 @@ class Demo:
 
         from .eval.runner import score_conversations
 
-        policy = AutoModelForCausalLM.from_pretrained(policy_dir, trust_remote_code=True).eval()
-        reward_model = AutoModelForSequenceClassification.from_pretrained(self.paths.reward,
-                                                                          trust_remote_code=True).eval()
+        policy = AutoModelForCausalLM.from_pretrained(policy_dir, trust_remote_code=True).to(self.device).eval()
+        reward_model = AutoModelForSequenceClassification.from_pretrained(self.paths.reward, trust_remote_code=True)
+        reward_model = reward_model.to(self.device).eval()
         processor = self.processor(policy_dir)
         answers = []
         for start in range(0, len(rows), 16):
@@ -440,7 +446,7 @@ class Demo:
 
         from .eval.runner import evaluate_model
 
-        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).to(self.device).eval()
         result = evaluate_model(model, self.processor(folder), self.paths.data / "test_samples.jsonl",
                                 batch_size=16, max_new_tokens=self.recipe["eval"]["max_new_tokens"],
                                 limit=self.recipe["eval"]["n_samples"])

@@ -126,7 +126,7 @@ def answer_loss(model, processor, rows: Sequence[Mapping[str, Any]], image_root:
             for row, image in zip(chunk, images)
         ])
         n_tokens = int((batch["labels"][:, 1:] != -100).sum())
-        loss = model(**batch).loss
+        loss = model(**{k: v.to(model.device) for k, v in batch.items()}).loss
         total += float(loss) * n_tokens
         count += n_tokens
     return total / max(count, 1)
