@@ -32,3 +32,10 @@ def test_image_paths_inside_the_root_resolve(tmp_path):
     path, root = write_rows(tmp_path, "ok.png")
     rows = load_rows(path, root)
     assert rows[1]["images"] == [str((root / "ok.png").resolve())]
+
+
+def test_a_broken_jsonl_line_is_named_by_file_and_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"messages": []}\n\n{"messages": [\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl, line 3: invalid JSON"):
+        load_rows(path, tmp_path)

@@ -33,6 +33,7 @@ from typing import Any
 from PIL import Image
 
 from ..image_processing_qwenvl import QwenVLImageProcessor, to_rgb_image
+from .rows import read_json_rows
 
 
 __all__ = ["load_official_finetune_json", "write_official_finetune_json", "load_image"]
@@ -137,13 +138,7 @@ def load_official_finetune_json(path: str | os.PathLike, image_root: str | os.Pa
     root = Path(os.path.realpath(image_root))
     if not root.is_dir():
         raise ValueError(f"image_root {image_root} is not a directory")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            rows = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+    rows = read_json_rows(path)
     samples = []
     for index, row in enumerate(rows):
         try:

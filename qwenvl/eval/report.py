@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..data.rows import load_jsonl
 from ..grounding import parse_boxes
 from .metrics import box_iou, cider_d, rec_accuracy, strip_grounding, vqa_accuracy
 
@@ -18,23 +19,6 @@ _REQUIRED = {
     "vqa": ("short_answer",),
     "rec": ("box", "image_size"),
 }
-
-
-def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file; a malformed line raises `ValueError` naming the file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {line_number}: invalid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
 
 
 def _match_boxes(predicted: list[tuple[float, ...]], gold: list[Sequence[float]], threshold: float) -> int:

@@ -16,7 +16,6 @@ returns the bad ones as `(index, reason)`; `prepare_dataset` turns the good rows
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,6 +26,7 @@ from typing import Any
 from PIL import Image as PILImage
 
 from ..data.official import load_official_finetune_json
+from ..data.rows import read_json_rows
 from .collator import QwenVLDataCollator
 
 __all__ = [
@@ -83,20 +83,6 @@ def _resolve_paths(row: dict[str, Any], root: Path, index: int) -> dict[str, Any
     return row
 
 
-def _read_json_rows(path: Path) -> list[Any]:
-    try:
-        if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as handle:
-                return [json.loads(line) for line in handle if line.strip()]
-        with open(path, encoding="utf-8") as handle:
-            rows = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
-    return rows
-
-
 def load_rows(data_path: str | os.PathLike, image_root: str | os.PathLike | None = None, split: str = "train") -> Any:
     """Rows from a finetune JSON, a JSON/JSONL file of rows, a saved dataset folder or a Hub dataset (see module doc).
 
@@ -105,7 +91,7 @@ def load_rows(data_path: str | os.PathLike, image_root: str | os.PathLike | None
     path = Path(data_path)
     if path.is_file() and path.suffix in (".json", ".jsonl"):
         root = Path(image_root) if image_root is not None else path.parent
-        rows = _read_json_rows(path)
+        rows = read_json_rows(path)
         if rows and isinstance(rows[0], Mapping) and "conversations" in rows[0]:
             return load_official_finetune_json(path, root)
         return [_resolve_paths(row, root, i) if isinstance(row, dict) else row for i, row in enumerate(rows)]
