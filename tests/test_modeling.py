@@ -15,7 +15,7 @@ from qwenvl import (
     QwenVLForConditionalGeneration,
     QwenVLForSequenceClassification,
 )
-from qwenvl.modeling_qwenvl import IMAGE_MISMATCH, get_2d_sincos_pos_embed
+from qwenvl.modeling_qwenvl import IMAGE_MISMATCH, get_2d_sincos_pos_embed, get_abs_pos
 
 from conftest import REFERENCE, tiny_config_kwargs
 
@@ -386,3 +386,22 @@ def test_saved_model_loads_in_a_fresh_process_without_qwenvl(tmp_path, run_isola
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     for key, value in expected.items():
         assert torch.equal(got[key], value), key
+
+
+@pytest.mark.parametrize("source, target", [(16, 32), (16, 2), (4, 8), (8, 5)])
+def test_positional_tables_resize_exactly_like_bicubic_interpolation(source, target):
+    table = torch.randn(source * source, 24)
+    expected = F.interpolate(table.reshape(1, source, source, -1).permute(0, 3, 1, 2), size=(target, target),
+                             mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(target * target, -1)
+
+    torch.testing.assert_close(get_abs_pos(table, target * target), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_resize_first_made_under_inference_mode_still_trains():
+    with torch.inference_mode():
+        get_abs_pos(torch.randn(9, 4), 36)  # first use of the (3 -> 6) resize weights: inside `generate`, say
+    table = torch.randn(9, 4, requires_grad=True)
+
+    get_abs_pos(table, 36).sum().backward()
+
+    assert table.grad is not None and table.grad.abs().sum() > 0
