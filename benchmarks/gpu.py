@@ -17,10 +17,12 @@ from pathlib import Path
 
 import torch
 
+from qwenvl.train import compile_regions
+
 from . import flops
 from .suite import load_config
 from .timing import RssPeak, measure
-from .workloads import Mode, TrainStep, build_model, compile_regions, generate_fn, prompt_batch, train_batch
+from .workloads import Mode, TrainStep, build_model, generate_fn, prompt_batch, train_batch
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (no sparsity), TFLOP/s, matched against the device name.
 DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4))

@@ -150,18 +150,6 @@ class TrainStep:
         return loss.item()
 
 
-def compile_regions(model: QwenVLForConditionalGeneration) -> None:
-    """Regional `torch.compile`: every decoder block, every ViT block and the loss, each compiled in place.
-
-    Blocks of one kind share their compiled code (parameters are graph inputs), so compiling costs seconds rather than
-    a whole-model graph's minutes, and the fusions land where eager mode is slow: RMSNorm and rotary in fp32, SwiGLU,
-    residual adds, and the loss's fp32 upcast of the (batch, length, vocab) logits.
-    """
-    for block in (*model.transformer.h, *model.transformer.visual.transformer.resblocks):
-        block.compile()
-    model.loss_function = torch.compile(model.loss_function)
-
-
 def inference_model(model: QwenVLForConditionalGeneration, mode: Mode) -> QwenVLForConditionalGeneration:
     """The model as `mode` serves it: attention backend and weight dtype set, weights packed if asked, eval mode."""
     model.set_attn_implementation(mode.attn_implementation)

@@ -2,6 +2,7 @@
 
 from .adapter_init import localize_adapter
 from .collator import IGNORE_INDEX, LABEL_MODES, EncodedSample, QwenVLDataCollator, render_supervised
+from .compile import compile_regions
 from .data import (
     ValidationReport,
     caption_to_prompt_completion,
@@ -39,6 +40,7 @@ from .recipe import (
 from .stages import COMPONENTS, STAGES, ParameterTable, apply_stage, component_of, parameter_table
 
 __all__ = [
+    "compile_regions",
     "localize_adapter",
     "COMPONENTS",
     "IGNORE_INDEX",

@@ -25,6 +25,7 @@ from ..modeling_qwenvl import QwenVLForConditionalGeneration
 from ..processing_qwenvl import QwenVLProcessor
 from ..tokenization_qwenvl import QwenVLTokenizerFast
 from .collator import LABEL_MODES, QwenVLDataCollator
+from .compile import compile_regions
 from .data import caption_to_prompt_completion, load_rows, prepare_dataset
 from .lora import lora_config, qlora_quantization_config
 from .stages import STAGES, ParameterTable, apply_stage, parameter_table
@@ -86,6 +87,11 @@ class ModelArguments:
     lora_vit: bool = field(default=False, metadata={"help": "Also put LoRA on the ViT blocks."})
     lora_modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full next to LoRA, e.g. wte lm_head for a base model."}
+    )
+    compile_regions: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each transformer block and the loss (qwenvl.train.compile_regions); for "
+                          "GPUs and fixed-size batches."},
     )
 
 
@@ -198,14 +204,18 @@ def wrap_with_lora(model: Any, model_args: ModelArguments, training_args: Traini
 def setup_trainable(
     model: Any, model_args: ModelArguments, training_args: TrainingArguments
 ) -> tuple[Any, ParameterTable]:
-    """Stage freezing for full training, or LoRA wrapping; prints and returns the trainable-parameter table."""
+    """Stage freezing for full training, or LoRA wrapping, then regional compilation if asked; prints and returns the
+    trainable-parameter table."""
     if model_args.use_lora or model_args.q_lora:
         model = wrap_with_lora(model, model_args, training_args)
         table = parameter_table(model, extra=("lora",))
         if training_args.process_index == 0:
             print(f"LoRA: trainable parameters per component\n{table}")
-        return model, table
-    return model, apply_stage(model, model_args.stage, verbose=training_args.process_index == 0)
+    else:
+        table = apply_stage(model, model_args.stage, verbose=training_args.process_index == 0)
+    if model_args.compile_regions:
+        compile_regions(model)
+    return model, table
 
 
 def build_collator(
