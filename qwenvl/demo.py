@@ -109,7 +109,7 @@ def _cell_targets(classes: torch.Tensor, boxes: torch.Tensor, cells: int) -> tup
     f = grid // side
     per_cell = classes.reshape(n, side, f, side, f).permute(0, 1, 3, 2, 4).reshape(n, cells, f * f)
     cell_boxes = boxes.reshape(n, side, f, side, f, 4).permute(0, 1, 3, 2, 4, 5).reshape(n, cells, f * f, 4)
-    votes = torch.zeros(n, cells, background + 1, dtype=torch.int32)  # (n, cells, classes + background)
+    votes = torch.zeros(n, cells, background + 1, dtype=torch.int32, device=classes.device)  # (n, cells, classes + bg)
     votes.scatter_add_(2, per_cell, torch.ones_like(per_cell, dtype=torch.int32))
     votes = votes[..., :background]  # a one-hot of every patch would be 390 MB for the 10k training scenes
     covered = votes.amax(-1) > 0
@@ -189,7 +189,8 @@ class Demo:
                 "metrics": self.evaluate(self.paths.init)}
 
     def _patch_batches(self, split: str, processor, limit: int | None = None):
-        """Pixel values and dense patch targets (`qwenvl.data.synthetic.patch_targets`) of a split's scenes."""
+        """Pixel values and dense patch targets (`qwenvl.data.synthetic.patch_targets`) of a split's scenes, on
+        `--device` (10k 64-px scenes: ~0.5 GB of pixels)."""
         import numpy as np
 
         from .data.synthetic import patch_targets
@@ -208,7 +209,8 @@ class Demo:
                 patch_classes, patch_boxes = patch_targets(row, grid)
                 classes.append(patch_classes)
                 boxes.append(patch_boxes)
-        return torch.cat(pixels), torch.from_numpy(np.stack(classes)), torch.from_numpy(np.stack(boxes))
+        return tuple(t.to(self.device) for t in (torch.cat(pixels), torch.from_numpy(np.stack(classes)),
+                                                  torch.from_numpy(np.stack(boxes))))
 
     def stage_vision(self) -> dict:
         """Pre-train the vision tower from scratch on dense targets: what (colour, shape or digit) is where.
@@ -244,13 +246,9 @@ class Demo:
         background = len(PATCH_CLASSES)
         patch_head = torch.nn.Linear(table.shape[1], background + 1 + 4)
         token_head = torch.nn.Linear(vit.proj.shape[1], background + 1 + 4)
-        # Everything this stage computes with lives on `--device` (10k 64-px scenes: ~0.5 GB of pixels).
-        device = torch.device(self.device)
-        vit.to(device), patch_head.to(device), token_head.to(device)
-        pixels, classes, boxes, token_classes, token_boxes, test_pixels, test_classes, test_boxes, test_token_classes = (
-            t.to(device) for t in (pixels, classes, boxes, token_classes, token_boxes, test_pixels, test_classes,
-                                   test_boxes, test_token_classes)
-        )
+        device = torch.device(self.device)  # where `_patch_batches` put the scenes and targets
+        for module in (vit, patch_head, token_head):
+            module.to(device)
         vit.attn_pool.pos_embed.requires_grad_(False)  # the adapter's fixed sin-cos table never trains
         tower = [p for p in vit.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(tower + list(patch_head.parameters()) + list(token_head.parameters()),
