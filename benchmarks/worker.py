@@ -1,4 +1,5 @@
-"""Training jobs, each in a fresh process so that its peak RSS belongs to it alone.
+"""Jobs that need a fresh process: training (so that its peak RSS belongs to it alone) and decode under another
+OpenMP setting (libgomp reads its environment once, when torch loads).
 
 `python -m benchmarks.worker '<json spec>'` prints one line `RESULT <json>`. The suite starts memory jobs with glibc's
 mmap threshold pinned low, so freed activation buffers go back to the OS and RSS tracks live tensors (by default
@@ -9,11 +10,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 from .flops import Shapes, train_step_flops
 from .timing import RssPeak, current_rss_bytes, measure, peak_rss_bytes
-from .workloads import MODES, TrainStep, build_model, train_batch
+from .workloads import (
+    MODES,
+    OPTIMIZED,
+    TrainStep,
+    build_model,
+    decode_rates,
+    inference_model,
+    prompt_batch,
+    train_batch,
+)
 
 MIB = 2**20
 
@@ -68,7 +79,17 @@ def memory_job(spec: dict) -> dict:
     }
 
 
-JOBS = {"train": train_job, "memory": memory_job}
+def decode_job(spec: dict) -> dict:
+    """`decode_rates` of the optimized mode at batch `spec["batch"]`, under this process's OpenMP environment."""
+    gen = spec["generate"]
+    model = inference_model(build_model(spec["model"], seed=spec.get("seed", 0)), OPTIMIZED)
+    prompt = prompt_batch(model.config, spec["batch"], gen["prompt_text_tokens"])
+    result = decode_rates(model, prompt, gen["new_tokens"], use_cache=True, repeats=gen["repeats"])
+    result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "unset")
+    return result
+
+
+JOBS = {"train": train_job, "memory": memory_job, "decode": decode_job}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,8 @@ import torch
 from qwenvl import QwenVLConfig, QwenVLForConditionalGeneration
 from qwenvl.modeling_qwenvl import pack_linear_weights_for_cpu
 
+from .timing import measure
+
 
 @dataclass(frozen=True)
 class Mode:
@@ -171,6 +173,28 @@ def generate_fn(model: QwenVLForConditionalGeneration, prompt: dict, new_tokens:
         return model.generate(**inputs, **kwargs)
 
     return run
+
+
+def decode_rates(model, prompt: dict, new_tokens: int, use_cache: bool, repeats: int) -> dict:
+    """Prefill time (a 1-token generate) and decode rate from a `new_tokens` generate: (N-1)·B / (t_N - t_1)."""
+    generate_fn(model, prompt, 2, use_cache)()  # warm-up: first-call allocations and kernel selection
+    t1 = measure(generate_fn(model, prompt, 1, use_cache), repeats=repeats, warmup=0)
+    tn = measure(generate_fn(model, prompt, new_tokens, use_cache), repeats=repeats, warmup=0)
+    batch, prompt_len = prompt["input_ids"].shape
+    step_s = max(tn.median_s - t1.median_s, 1e-9) / (new_tokens - 1)
+    step_cpu_s = max(tn.cpu_s - t1.cpu_s, 1e-9) / (new_tokens - 1)
+    return {
+        "batch_size": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "prefill": t1.to_dict(),
+        "generate": tn.to_dict(),
+        "prefill_tokens_per_s": batch * prompt_len / t1.median_s,
+        "decode_step_s": step_s,
+        "decode_tokens_per_s": batch / step_s,
+        "decode_step_cpu_s": step_cpu_s,
+        "decode_tokens_per_cpu_s": batch / step_cpu_s,
+    }
 
 
 def vision_fn(model: QwenVLForConditionalGeneration, pixel_values: torch.Tensor) -> Callable:

@@ -389,10 +389,6 @@ class QwenVLAttention(nn.Module):
             key, value = cache.update(key, value, self.layer_idx)
 
         attention = _attention_interface(self.config)
-        if query.shape[2] == 1 and query.device.type == "cpu" and self.config._attn_implementation == "sdpa":
-            # A decode step (one query row): plain matmuls beat PyTorch's CPU SDPA kernel here, by ~25 % of the step
-            # at batch 8 in bf16 (benchmarks/RESULTS.md). Same math; sdpa's masks are bool, which eager accepts.
-            attention = eager_attention_forward
         attn_output, attn_weights = attention(
             self, query, key, value, attention_mask,
             dropout=self.config.attn_dropout_prob if self.training else 0.0, scaling=self.scaling, **kwargs,

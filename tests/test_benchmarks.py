@@ -209,8 +209,8 @@ def test_unknown_config_names_the_known_ones(tmp_path):
 def test_targets_are_judged_against_the_issue_thresholds():
     results = {
         "train": {"optimized": {"fraction_of_ceiling": 0.45, "fraction_of_ceiling_cpu_time": 0.5}},
-        "generation": {"b1_step_over_floor": 2.5, "kv_cache_speedup_b1": 7.0, "kv_cache_speedup_b1_cpu_time": 6.0,
-                       "optimized": {"b1": {"new_tokens": 128}}},
+        "generation": {"b1_step_over_floor": 2.5, "b1_default_wait_step_over_floor": 1.9, "kv_cache_speedup_b1": 7.0,
+                       "kv_cache_speedup_b1_cpu_time": 6.0, "optimized": {"b1": {"new_tokens": 128}}},
         "memory": {"step_increase_ratio": 0.4, "peak_rss_ratio": 0.8},
     }
 
@@ -219,6 +219,7 @@ def test_targets_are_judged_against_the_issue_thresholds():
     assert verdicts == {
         "training step model FLOP/s vs bf16 matmul ceiling": True,
         "decode b1 step time vs weight-bandwidth floor": False,
+        "decode b1 step time vs weight-bandwidth floor, libgomp default waiting": True,
         "KV-cache decode vs no-cache reference (b1, 128 new tokens)": True,
         "checkpointing: step memory (peak over resident state) ratio": True,
         "checkpointing: whole-process peak RSS ratio": False,
@@ -273,6 +274,11 @@ def test_tiny_run_writes_every_figure_of_the_issue(tmp_path):
     assert g["b1_step_over_floor"] == pytest.approx(g["optimized"]["b1"]["decode_step_s"] / g["floor_step_s"])
     assert g["kv_cache_speedup_b1"] == pytest.approx(
         g["optimized"]["b1"]["decode_tokens_per_s"] / g["reference"]["b1_no_cache"]["decode_tokens_per_s"])
+    # ... and batch 1 again in a fresh process without OMP_WAIT_POLICY (the run itself sets PASSIVE).
+    assert g["b1_default_wait"]["omp_wait_policy"] == "unset"
+    assert r["machine"]["omp_wait_policy"] == "PASSIVE"
+    assert g["b1_default_wait_step_over_floor"] == pytest.approx(
+        g["b1_default_wait"]["decode_step_s"] / g["floor_step_s"])
 
     # Vision encoding, reuse of image features, memory with and without checkpointing, bf16 tolerances.
     assert positive(r["vision"]["optimized"]["images_per_s"]) and positive(r["vision"]["reference"]["images_per_s"])
@@ -286,7 +292,7 @@ def test_tiny_run_writes_every_figure_of_the_issue(tmp_path):
 
     # The ablation chain and the verdicts, all in the printed table too.
     assert set(r["ablation"]["train"]) == {"sdpa-fp32", "sdpa-fp32-fused-adamw"}
-    assert len(r["targets"]) == 5 and all(isinstance(t["met"], bool) for t in r["targets"])
+    assert len(r["targets"]) == 6 and all(isinstance(t["met"], bool) for t in r["targets"])
     assert proc.stdout.startswith(format_table(r).splitlines()[0])
     assert "+ bf16 autocast (= optimized)" in proc.stdout
 
