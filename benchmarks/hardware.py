@@ -11,6 +11,8 @@ import platform
 
 import torch
 
+from qwenvl.demo import cpu_model
+
 from .timing import measure
 
 
@@ -18,13 +20,6 @@ def machine_info() -> dict:
     """CPU model, core/thread counts, memory and library versions, plus the load when the run started."""
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
     memory_gib = None
     try:
         with open("/proc/meminfo") as f:
@@ -32,7 +27,7 @@ def machine_info() -> dict:
     except OSError:
         pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (libgomp default: spin, then sleep)"),

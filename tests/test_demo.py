@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +134,18 @@ def test_bf16_autocast_is_opt_in_from_the_command_line(monkeypatch, tmp_path):
     args = build_parser().parse_args(["demo", "--bf16", "--out", str(tmp_path / "out")])
     args.func(args)
     assert seen == [True]
+
+
+def test_the_report_names_the_cpu_model_not_just_the_architecture(tmp_path):
+    import platform
+
+    import qwenvl.demo as demo_module
+
+    summary = demo_module.machine_summary(False)
+    assert demo_module.cpu_model() in summary and platform.machine() in summary
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        if names:  # x86 Linux; some ARM kernels list no model name
+            assert demo_module.cpu_model() == names[0]
