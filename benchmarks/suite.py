@@ -151,7 +151,8 @@ def run_generation(config: dict, ceilings: dict) -> dict:
     repeats = gen.get("reference_repeats", gen["repeats"])
     out["reference"]["b1_no_cache"] = decode_rates(model, prompt, gen["new_tokens"], use_cache=False, repeats=repeats)
     # Same precision and backend with the cache on: separates the cache's share of the speed-up from bf16 + SDPA.
-    out["reference"]["b1_cache"] = decode_rates(model, prompt, gen["new_tokens"], use_cache=True, repeats=gen["repeats"])
+    out["reference"]["b1_cache"] = decode_rates(model, prompt, gen["new_tokens"], use_cache=True,
+                                                repeats=gen["repeats"])
     del model
     gc.collect()
 
@@ -224,7 +225,8 @@ def run_ablation(config: dict, ceilings: dict) -> dict:
     for mode in (SDPA_FP32, SDPA_BF16):
         model = inference_model(build_model(config["model"]), mode)
         prompt = prompt_batch(model.config, 1, gen["prompt_text_tokens"])
-        out["decode_b1"][mode.name] = decode_rates(model, prompt, gen["new_tokens"], use_cache=True, repeats=gen["repeats"])
+        out["decode_b1"][mode.name] = decode_rates(model, prompt, gen["new_tokens"], use_cache=True,
+                                                   repeats=gen["repeats"])
         del model
         gc.collect()
     return out
