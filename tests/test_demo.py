@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 import time
@@ -136,9 +137,7 @@ def test_bf16_autocast_is_opt_in_from_the_command_line(monkeypatch, tmp_path):
     assert seen == [True]
 
 
-def test_the_report_names_the_cpu_model_not_just_the_architecture(tmp_path):
-    import platform
-
+def test_the_report_names_the_cpu_model_not_just_the_architecture():
     import qwenvl.demo as demo_module
 
     summary = demo_module.machine_summary(False)
