@@ -19,6 +19,7 @@ from .image_processing_qwenvl import QwenVLImageProcessor
 from .inference import response_boxes
 from .modeling_qwenvl import (
     QwenVLForConditionalGeneration,
+    QwenVLForLikelihoodReward,
     QwenVLForSequenceClassification,
     QwenVLModel,
     QwenVLPreTrainedModel,
@@ -36,7 +37,8 @@ def _register() -> None:
         (AutoModel, QwenVLModel),
         (AutoModelForCausalLM, QwenVLForConditionalGeneration),
         (AutoModelForImageTextToText, QwenVLForConditionalGeneration),
-        (AutoModelForSequenceClassification, QwenVLForSequenceClassification),
+        # Both score sequences; `config.architectures` picks the one a folder was saved from.
+        (AutoModelForSequenceClassification, (QwenVLForSequenceClassification, QwenVLForLikelihoodReward)),
     ):
         auto.register(QwenVLConfig, cls, exist_ok=True)
     AutoTokenizer.register(QwenVLConfig, fast_tokenizer_class=QwenVLTokenizerFast, exist_ok=True)
@@ -46,6 +48,8 @@ def _register() -> None:
     QwenVLModel.register_for_auto_class("AutoModel")
     QwenVLForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
     QwenVLForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+    # Only for saving: a likelihood reward model's folder maps the sequence-classification Auto class to its class.
+    QwenVLForLikelihoodReward.register_for_auto_class("AutoModelForSequenceClassification")
 
 
 _register()
@@ -69,4 +73,5 @@ __all__ = [
     "QwenVLPreTrainedModel",
     "QwenVLForConditionalGeneration",
     "QwenVLForSequenceClassification",
+    "QwenVLForLikelihoodReward",
 ]

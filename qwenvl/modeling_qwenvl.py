@@ -715,6 +715,86 @@ class QwenVLForSequenceClassification(QwenVLPreTrainedModel):
         )
 
 
+class QwenVLForLikelihoodReward(QwenVLPreTrainedModel):
+    """A reward model that scores a reply by its log-likelihood under a fine-tuned copy of the policy.
+
+    `r = config.reward_scale * sum_t log p(token_t | image, prompt, earlier tokens)` over the last turn: the tokens
+    after the last `config.reply_start_token_id` (the chat template's `<|im_start|>`; its role line and closing
+    `<|im_end|>` included, identical for every reply to a prompt). Initialised from the SFT model it starts with what
+    the policy already knows about the image and a pairwise ranking loss (`QwenVLRewardTrainer`) sharpens it; a
+    score head on the last token of the same model must learn to check an answer against the image from the
+    preference pairs alone, and on the demo's pairs it stayed at chance (README, demo findings).
+
+    Same weights as `QwenVLForConditionalGeneration` (an SFT folder loads as is) and the same outputs as
+    `QwenVLForSequenceClassification` with `num_labels=1` (`logits` of shape (batch, 1)), so the reward trainer,
+    PPO and `score_conversations` take either. A saved folder's `auto_map` points `AutoModelForSequenceClassification`
+    at this class, so it loads back with `trust_remote_code=True`.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: QwenVLConfig, reply_start_token_id: int | None = None,
+                 reward_scale: float | None = None):
+        super().__init__(config)
+        if reply_start_token_id is not None:
+            config.reply_start_token_id = int(reply_start_token_id)
+        if reward_scale is not None:
+            config.reward_scale = float(reward_scale)
+        if getattr(config, "reply_start_token_id", None) is None:
+            raise ValueError(
+                "QwenVLForLikelihoodReward needs config.reply_start_token_id, the id of the token that opens the "
+                "scored turn (`<|im_start|>`), e.g. from_pretrained(path, reply_start_token_id="
+                "tokenizer.convert_tokens_to_ids('<|im_start|>'))"
+            )
+        config.reward_scale = float(getattr(config, "reward_scale", 1.0))
+        config.num_labels = 1
+        self.transformer = QwenVLModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def reply_mask(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """True at the attended tokens after each row's last `reply_start_token_id` (a row without one: after its
+        first attended token)."""
+        mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        starts = torch.where((input_ids == self.config.reply_start_token_id) & mask, positions, -1).amax(-1)
+        first = torch.where(mask, positions, input_ids.shape[1]).amin(-1)
+        starts = torch.where(starts >= 0, starts, first)
+        return mask & (positions > starts[:, None])
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_features: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutputWithPast:
+        if input_ids is None:
+            raise ValueError("QwenVLForLikelihoodReward scores token ids: pass input_ids")
+        kwargs.pop("use_cache", None)
+        outputs: BaseModelOutputWithPast = self.transformer(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, pixel_values=pixel_values,
+            image_features=image_features, use_cache=False, **kwargs,
+        )
+        scored = self.reply_mask(input_ids, attention_mask)
+        # Only the scored span needs logits (a 151k vocabulary makes the full sequence's costly).
+        first = int(scored.float().argmax(-1).min()) if scored.any() else input_ids.shape[1] - 1
+        logits = self.lm_head(outputs.last_hidden_state[:, max(first - 1, 0) : -1])
+        targets = input_ids[:, max(first, 1) :]
+        token_logps = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        rewards = (token_logps * scored[:, max(first, 1) :]).sum(-1, keepdim=True) * self.config.reward_scale
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=rewards, labels=labels, pooled_logits=rewards, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=rewards, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CPU inference: pre-packed linear weights
 # ----------------------------------------------------------------------------------------------------------------
@@ -767,4 +847,5 @@ __all__ = [
     "QwenVLModel",
     "QwenVLForConditionalGeneration",
     "QwenVLForSequenceClassification",
+    "QwenVLForLikelihoodReward",
 ]

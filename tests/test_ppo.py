@@ -171,6 +171,31 @@ def test_rollout_scores_each_row_with_its_own_images(tmp_path):
     assert not bool((rollout.responses == processor.tokenizer.convert_tokens_to_ids("<imgpad>")).any())
 
 
+def test_a_likelihood_reward_model_scores_rollouts_and_the_critic_comes_from_the_policy(tmp_path):
+    from qwenvl import QwenVLForLikelihoodReward
+
+    policy, processor = build_tiny_model_and_processor(seed=1)
+    policy.save_pretrained(tmp_path / "sft")
+    reward_model = QwenVLForLikelihoodReward.from_pretrained(
+        tmp_path / "sft", reward_scale=0.5, reply_start_token_id=processor.tokenizer.convert_tokens_to_ids("<|im_start|>"))
+    trainer = PPOTrainer(tiny_config(tmp_path, per_device_train_batch_size=2, response_length=6), processor, policy,
+                         reward_model=reward_model, train_dataset=mixed_rows())
+
+    assert not trainer.value_model.score.weight.any()  # a new zero-initialised head on a copy of the policy
+    rows = mixed_rows()
+    rollout = trainer.generate_rollout(rows)
+    for i, row in enumerate(rows):
+        messages, images = trainer._prompt_messages(row, i)
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        alone = processor(text=[text], images=[images] if images else None, return_tensors="pt")
+        response = rollout.responses[i][rollout.response_mask[i].bool()]
+        ids = torch.cat([alone["input_ids"][0], response]).unsqueeze(0)
+        extra = {"pixel_values": alone["pixel_values"]} if images else {}
+        with torch.no_grad():
+            expected = reward_model(input_ids=ids, **extra).logits[0, 0]
+        torch.testing.assert_close(rollout.scores[i], expected, atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Pre-training term (PPO-ptx)
 # ---------------------------------------------------------------------------------------------------------------------

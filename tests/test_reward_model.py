@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig
 from trl.data_utils import prepare_multimodal_messages
 
+from qwenvl import QwenVLForLikelihoodReward
 from qwenvl.rl import (
     QwenVLPreferenceCollator,
     QwenVLRewardTrainer,
@@ -163,6 +164,73 @@ def test_reward_model_learns_a_preference_that_needs_the_image(tmp_path):
                        pixel_values=torch.cat([batch["pixel_values"]] * 2)).logits.squeeze(-1)
     assert scores == pytest.approx(direct.tolist(), abs=1e-5)
     assert scores[0] > scores[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Likelihood reward model: the SFT model's log-likelihood of the reply
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def likelihood_reward_model(tmp_path, sft, processor, scale: float = 0.5) -> QwenVLForLikelihoodReward:
+    sft.save_pretrained(tmp_path / "sft")
+    return QwenVLForLikelihoodReward.from_pretrained(
+        tmp_path / "sft", reward_scale=scale,
+        reply_start_token_id=processor.tokenizer.convert_tokens_to_ids("<|im_start|>"))
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_likelihood_reward_is_the_scaled_log_likelihood_of_the_last_turn(tmp_path, padding_side):
+    sft, processor = build_tiny_model_and_processor(seed=3)
+    model = likelihood_reward_model(tmp_path, sft, processor).eval()
+    rows = colour_pairs(2, seed=0)
+    texts = [chat(processor, r["prompt"], reply, r["images"]) for r in rows for reply in (r["chosen"], "a longer reply")]
+    images = [r["images"] for r in rows for _ in range(2)]
+    batch = processor(text=texts, images=images, padding=True, padding_side=padding_side, return_tensors="pt")
+    with torch.no_grad():
+        rewards = model(**batch).logits
+
+    assert rewards.shape == (4, 1)
+    start = processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    for i, (text, image) in enumerate(zip(texts, images)):
+        alone = processor(text=[text], images=[image], return_tensors="pt")
+        ids = alone["input_ids"][0]
+        first = int((ids == start).nonzero().max()) + 1  # the reply's turn: role line, reply and <|im_end|>
+        with torch.no_grad():
+            logps = torch.log_softmax(sft(**alone).logits[0, :-1], -1).gather(-1, ids[1:, None]).squeeze(-1)
+        torch.testing.assert_close(rewards[i, 0], 0.5 * logps[first - 1 :].sum(), atol=1e-4, rtol=1e-4)
+
+
+def test_likelihood_reward_model_needs_the_reply_start_token(tmp_path):
+    sft, _ = build_tiny_model_and_processor(seed=3)
+    sft.save_pretrained(tmp_path / "sft")
+    with pytest.raises(ValueError, match="reply_start_token_id"):
+        QwenVLForLikelihoodReward.from_pretrained(tmp_path / "sft")
+
+
+def test_likelihood_reward_model_learns_with_the_reward_trainer_and_reloads(tmp_path):
+    sft, processor = build_tiny_model_and_processor(seed=0)
+    model = likelihood_reward_model(tmp_path, sft, processor)
+    trainer = QwenVLRewardTrainer(model=model, args=reward_config(tmp_path, num_train_epochs=10, learning_rate=5e-3),
+                                  train_dataset=Dataset.from_list(colour_pairs(64, seed=0)),
+                                  eval_dataset=Dataset.from_list(colour_pairs(32, seed=1)), processing_class=processor)
+    before = trainer.evaluate()["eval_accuracy"]
+
+    trainer.train()
+    after = trainer.evaluate()["eval_accuracy"]
+
+    assert before <= 0.75 and after >= 0.9
+    trainer.save_model(str(tmp_path / "rm"))
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", trust_remote_code=True).eval()
+    assert type(reloaded).__name__ == "QwenVLForLikelihoodReward"
+    assert reloaded.config.reward_scale == 0.5 and reloaded.config.num_labels == 1
+    held_out = colour_pairs(32, seed=1)
+    batch = QwenVLPreferenceCollator(processor)(held_out)
+    with torch.no_grad():
+        rewards = reloaded(**{**batch, "pixel_values": torch.cat([batch["pixel_values"]] * 2)}).logits.squeeze(-1)
+    assert (rewards[:32] > rewards[32:]).float().mean() >= 0.9  # the trained preference came back with the folder
+    # A causal-LM folder still loads as the score-head classifier.
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "sft", num_labels=1)
+    assert type(classifier).__name__ == "QwenVLForSequenceClassification"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

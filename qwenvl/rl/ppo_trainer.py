@@ -169,12 +169,13 @@ class PPOTrainer:
         ref_policy: the frozen reference; `None` uses a frozen deep copy of `policy`, or, with `peft_config`, the
             policy with its adapters disabled.
         reward_model: a `QwenVLForSequenceClassification` with `num_labels=1` that scores prompt + response at the
-            last response token, with the images. Exactly one of `reward_model` and `reward_fn` is required.
+            last response token, with the images, or a `QwenVLForLikelihoodReward`. Exactly one of `reward_model`
+            and `reward_fn` is required.
         reward_fn: a reward callable (or a list, summed) with the TRL calling convention of `qwenvl.rl.rewards`:
             `fn(prompts=messages, completions=[[{"role": "assistant", "content": text}]], completion_ids=...,
             **other_dataset_columns)`, returning one float (or `None`, "no opinion") per row.
-        value_model: the critic; `None` copies the reward model (or, with `reward_fn`, builds one from the policy
-            with a zero-initialised head). A critic created here trains its vision tower only if the policy does.
+        value_model: the critic; `None` copies the reward model (or, with `reward_fn` or a likelihood reward model,
+            builds one from the policy with a zero-initialised head). A critic created here trains its vision tower only if the policy does.
         train_dataset: prompt rows (`datasets.Dataset` or any sequence of dicts) with `prompt` (a user string or a
             list of messages), `images` (a list of image objects) or `image`, and any columns the reward functions
             read (`box`, `answer`, ...).
@@ -228,9 +229,10 @@ class PPOTrainer:
         created_value_model = value_model is None
         if created_value_model:
             # Before PEFT wraps the policy, so that a critic built from it gets no adapter layers.
+            # A reward model with a score head seeds the critic (InstructGPT); a likelihood reward model has none.
             value_model = (
                 copy.deepcopy(reward_model).requires_grad_(True)
-                if reward_model is not None
+                if getattr(reward_model, "score", None) is not None
                 else sequence_classifier_from_causal_lm(policy, zero_init_score=True)
             )
         if self.is_peft:
