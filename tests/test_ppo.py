@@ -123,6 +123,16 @@ def mixed_rows() -> list[dict]:
     ]
 
 
+def row_alone(trainer, processor, rollout, row: dict, i: int) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Row `i` of a rollout processed on its own: prompt + sampled response ids, its pixel values, the response."""
+    messages, images = trainer._prompt_messages(row, i)
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    alone = processor(text=[text], images=[images] if images else None, return_tensors="pt")
+    response = rollout.responses[i][rollout.response_mask[i].bool()]
+    ids = torch.cat([alone["input_ids"][0], response]).unsqueeze(0)
+    return ids, ({"pixel_values": alone["pixel_values"]} if images else {}), response
+
+
 def test_rollout_scores_each_row_with_its_own_images(tmp_path):
     policy, processor = build_tiny_model_and_processor(seed=1)
     reward_model, _ = build_tiny_model_and_processor(seed=2, reward_model=True)
@@ -147,12 +157,7 @@ def test_rollout_scores_each_row_with_its_own_images(tmp_path):
     value_model = trainer.value_model
     image_tags = processor.tokenizer.convert_tokens_to_ids(["<img>", "</img>", "<imgpad>"])
     for i, row in enumerate(rows):
-        messages, images = trainer._prompt_messages(row, i)
-        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        alone = processor(text=[text], images=[images] if images else None, return_tensors="pt")
-        response = rollout.responses[i][rollout.response_mask[i].bool()]
-        ids = torch.cat([alone["input_ids"][0], response]).unsqueeze(0)
-        extra = {"pixel_values": alone["pixel_values"]} if images else {}
+        ids, extra, response = row_alone(trainer, processor, rollout, row, i)
         with torch.no_grad():
             logits = policy(input_ids=ids, **extra).logits[0, -len(response) - 1 : -1] / config.temperature
             logits[:, image_tags] = -torch.inf  # the sampling distribution never emits image tags
@@ -185,12 +190,7 @@ def test_a_likelihood_reward_model_scores_rollouts_and_the_critic_comes_from_the
     rows = mixed_rows()
     rollout = trainer.generate_rollout(rows)
     for i, row in enumerate(rows):
-        messages, images = trainer._prompt_messages(row, i)
-        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        alone = processor(text=[text], images=[images] if images else None, return_tensors="pt")
-        response = rollout.responses[i][rollout.response_mask[i].bool()]
-        ids = torch.cat([alone["input_ids"][0], response]).unsqueeze(0)
-        extra = {"pixel_values": alone["pixel_values"]} if images else {}
+        ids, extra, response = row_alone(trainer, processor, rollout, row, i)
         with torch.no_grad():
             expected = reward_model(input_ids=ids, **extra).logits[0, 0]
         torch.testing.assert_close(rollout.scores[i], expected, atol=1e-4, rtol=1e-4)
