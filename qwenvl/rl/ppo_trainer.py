@@ -175,7 +175,8 @@ class PPOTrainer:
             `fn(prompts=messages, completions=[[{"role": "assistant", "content": text}]], completion_ids=...,
             **other_dataset_columns)`, returning one float (or `None`, "no opinion") per row.
         value_model: the critic; `None` copies the reward model (or, with `reward_fn` or a likelihood reward model,
-            builds one from the policy with a zero-initialised head). A critic created here trains its vision tower only if the policy does.
+            builds one from the policy with a zero-initialised head). A critic created here trains its vision tower
+            only if the policy does.
         train_dataset: prompt rows (`datasets.Dataset` or any sequence of dicts) with `prompt` (a user string or a
             list of messages), `images` (a list of image objects) or `image`, and any columns the reward functions
             read (`box`, `answer`, ...).
