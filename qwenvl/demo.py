@@ -293,7 +293,8 @@ class Demo:
                 "object_token_accuracy": accuracy(token_out, test_token_classes), "box_error": float(box_error),
                 "n_scenes": len(pixels)}
 
-    def _train_sft(self, source: Path, folder: Path, stage: str, recipe: dict, tasks: tuple[str, ...] | None) -> dict:
+    def _train_sft(self, source: Path, folder: Path, stage: str, recipe: dict, tasks: tuple[str, ...] | None,
+                   evaluate: bool = True) -> dict:
         from transformers import AutoModelForCausalLM
 
         from .train import QwenVLDataCollator, QwenVLTrainer, apply_stage
@@ -315,17 +316,38 @@ class Demo:
         result = trainer.train()
         trainer.save_model(str(folder))
         processor.save_pretrained(folder)
-        return {"train_loss": result.training_loss, "losses": _losses(trainer.state.log_history),
-                "n_rows": len(rows), "metrics": self.evaluate(folder)}
+        record = {"train_loss": result.training_loss, "losses": _losses(trainer.state.log_history), "n_rows": len(rows)}
+        return {**record, "metrics": self.evaluate(folder)} if evaluate else record
 
     def stage_pretrain(self) -> dict:
         return self._train_sft(self.paths.vision, self.paths.pretrain, "pretrain", self.recipe["pretrain"],
                                tasks=("caption",))
 
     def stage_sft(self) -> dict:
-        # The ViT was pre-trained in its own stage (as the release's OpenCLIP ViT was) and is kept as it is.
-        return self._train_sft(self.paths.pretrain, self.paths.sft, "multitask-frozen-vit", self.recipe["sft"],
-                               tasks=None)
+        """Multi-task SFT, then a short phase on the recipe's `focus` tasks only (REC).
+
+        The ViT was pre-trained in its own stage (as the release's OpenCLIP ViT was) and is kept as it is. The tasks
+        compete for the small LLM: mixed in, REC stops improving (0.42 with every REC row three times for 4000
+        steps), while 800 more steps on REC rows alone take it 0.41 -> 0.51 with VQA unchanged (README, the demo
+        findings). The focus phase's steps continue the step axis of the losses.
+        """
+        from .data.synthetic import TASKS
+
+        recipe = self.recipe["sft"]
+        focus = recipe["focus"]
+        unknown = [task for task in focus["tasks"] if task not in TASKS]
+        if unknown or not focus["tasks"]:
+            raise ValueError(f"recipe sft.focus.tasks must name tasks among {', '.join(TASKS)}, got {focus['tasks']!r}")
+        mixed = self._train_sft(self.paths.pretrain, self.paths.sft_multitask, "multitask-frozen-vit", recipe,
+                                tasks=None, evaluate=False)
+        focused = self._train_sft(self.paths.sft_multitask, self.paths.sft, "multitask-frozen-vit", focus,
+                                  tasks=tuple(focus["tasks"]))
+        shutil.rmtree(self.paths.sft_multitask)  # an intermediate checkpoint; the stage's result is `sft`
+        offset = recipe["max_steps"]
+        return {**mixed, "losses": mixed["losses"] + [(offset + step, loss) for step, loss in focused["losses"]],
+                "metrics": focused["metrics"],
+                "focus": {"tasks": list(focus["tasks"]), "train_loss": focused["train_loss"],
+                          "n_rows": focused["n_rows"]}}
 
     def _preference_rows(self, split: str, limit: int | None = None):
         from datasets import Dataset

@@ -29,7 +29,7 @@ def plot_losses(records: dict, path: Path) -> None:
 
     panels = [(records.get("vision", {}).get("losses"), "ViT pre-training (dense patch targets)", "loss"),
               (records.get("pretrain", {}).get("losses"), "stage 1: adapter pre-training", "loss"),
-              (records.get("sft", {}).get("losses"), "stage 2: multi-task SFT", "loss"),
+              (records.get("sft", {}).get("losses"), "stage 2: multi-task SFT, then REC focus", "loss"),
               (records.get("reward", {}).get("losses"), "reward model (pairwise)", "loss")]
     history = records.get("ppo", {}).get("history") or []
     figure, axes = plt.subplots(1, 5, figsize=(22, 3.6))
