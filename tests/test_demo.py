@@ -72,6 +72,28 @@ def test_stage_two_beats_the_untrained_model(demo_dir):
     assert ppo["history"] and all(k in ppo for k in ("reward_sft", "reward_ppo"))
 
 
+def test_stage_two_ends_with_a_phase_on_the_focus_tasks_only(demo_dir):
+    from qwenvl.demo import CONFIG_PATH
+
+    recipe = json.loads(CONFIG_PATH.read_text())["quick"]["sft"]
+    sft = json.loads((demo_dir / "sft" / "done.json").read_text())
+    assert sft["focus"]["tasks"] == recipe["focus"]["tasks"] == ["rec"]
+    assert 0 < sft["focus"]["n_rows"] < sft["n_rows"]  # REC rows only, out of every task's rows
+    steps = [step for step, _ in sft["losses"]]
+    assert steps == sorted(steps) and steps[-1] == recipe["max_steps"] + recipe["focus"]["max_steps"]
+    assert not (demo_dir / "sft_multitask").exists()  # the intermediate checkpoint is not left behind
+
+
+def test_a_focus_phase_naming_an_unknown_task_is_refused_before_training(tmp_path):
+    from qwenvl.demo import Demo
+
+    demo = Demo(tmp_path, quick=True)
+    demo.recipe["sft"]["focus"]["tasks"] = ["REC"]
+    with pytest.raises(ValueError, match=r"sft.focus.tasks must name tasks among caption, vqa, rec.*'REC'"):
+        demo.stage_sft()
+    assert not (tmp_path / "sft_multitask").exists() and not (tmp_path / "sft").exists()
+
+
 def test_final_checkpoint_is_hub_ready_and_chats(demo_dir, tmp_path):
     from transformers import AutoModel, AutoProcessor
 
