@@ -147,7 +147,9 @@ class Demo:
         self.quick = quick
         self.seed = seed
         self.device = device
-        self.bf16 = bool(bf16)  # fp32 by default: bf16 autocast saves little at this size (README, demo findings)
+        # bf16=True: every stage under bf16 autocast. Otherwise each stage's recipe decides (`bf16`, `compile`): only
+        # stage 2's steps run faster that way (README, demo findings); the vision stage's run slower in bf16.
+        self.bf16 = bool(bf16)
         self.paths = DemoPaths(Path(out))
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.records: dict[str, dict] = {}
@@ -297,16 +299,18 @@ class Demo:
                    evaluate: bool = True) -> dict:
         from transformers import AutoModelForCausalLM
 
-        from .train import QwenVLDataCollator, QwenVLTrainer, apply_stage
+        from .train import QwenVLDataCollator, QwenVLTrainer, apply_stage, compile_regions
 
         model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, dtype=torch.float32)
         processor = self.processor(source)
         table = apply_stage(model, stage, verbose=True)
+        if recipe.get("compile", False):
+            compile_regions(model)  # in place: the saved checkpoint's names and weights are unchanged
         rows = _sft_rows(self.paths.data, "train", tasks)
         trainer = QwenVLTrainer(
             model=model,
             # Tasks differ 3x in length: batches of like lengths instead of mostly padding (2x faster steps here).
-            args=_training_arguments(folder, recipe, self.seed, self.device, self.bf16,
+            args=_training_arguments(folder, recipe, self.seed, self.device, self.bf16 or recipe.get("bf16", False),
                                      train_sampling_strategy="group_by_length"),
             train_dataset=rows,
             data_collator=QwenVLDataCollator(processor),
@@ -340,8 +344,9 @@ class Demo:
             raise ValueError(f"recipe sft.focus.tasks must name tasks among {', '.join(TASKS)}, got {focus['tasks']!r}")
         mixed = self._train_sft(self.paths.pretrain, self.paths.sft_multitask, "multitask-frozen-vit", recipe,
                                 tasks=None, evaluate=False)
-        focused = self._train_sft(self.paths.sft_multitask, self.paths.sft, "multitask-frozen-vit", focus,
-                                  tasks=tuple(focus["tasks"]))
+        precision = {key: recipe[key] for key in ("bf16", "compile") if key in recipe}  # the focus phase's too
+        focused = self._train_sft(self.paths.sft_multitask, self.paths.sft, "multitask-frozen-vit",
+                                  {**precision, **focus}, tasks=tuple(focus["tasks"]))
         shutil.rmtree(self.paths.sft_multitask)  # an intermediate checkpoint; the stage's result is `sft`
         offset = recipe["max_steps"]
         return {**mixed, "losses": mixed["losses"] + [(offset + step, loss) for step, loss in focused["losses"]],
@@ -503,7 +508,15 @@ class Demo:
         shutil.copytree(self.paths.ppo, final, ignore=shutil.ignore_patterns("trainer", "done.json"))
         plot_losses(self.records, self.paths.root / "loss.png")
         draw_grounding(self.paths.data, self.paths.final, self.paths.root / "grounding.png")
-        write_report(self.records, self.paths.root / "report.md", quick=self.quick, machine=machine_summary(self.bf16))
+        write_report(self.records, self.paths.root / "report.md", quick=self.quick, machine=machine_summary(self.precision()))
+
+    def precision(self) -> str:
+        """How the stages train, for the report: fp32 unless `--bf16` or stage 2's recipe says otherwise."""
+        if self.bf16:
+            return "bf16 autocast"
+        recipe = self.recipe["sft"]
+        ways = [way for key, way in (("bf16", "bf16 autocast"), ("compile", "regional torch.compile")) if recipe.get(key)]
+        return "fp32" + (f", stage 2 in {' with '.join(ways)}" if ways else "")
 
 
 def cpu_model() -> str:
@@ -519,8 +532,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_summary(bf16: bool) -> str:
-    precision = "bf16 autocast" if bf16 else "fp32"
+def machine_summary(precision: str) -> str:
     return (f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} CPU cores, torch {torch.__version__}, "
             f"Python {platform.python_version()}; training in {precision}")
 

@@ -94,6 +94,25 @@ def test_a_focus_phase_naming_an_unknown_task_is_refused_before_training(tmp_pat
     assert not (tmp_path / "sft_multitask").exists() and not (tmp_path / "sft").exists()
 
 
+def test_stage_two_trains_in_its_recipes_precision_in_both_phases(demo_dir, tmp_path, monkeypatch):
+    import qwenvl.demo as demo_module
+    import qwenvl.train
+
+    demo = demo_module.Demo(tmp_path, quick=True)
+    for stage in ("data", "pretrain"):
+        (tmp_path / stage).symlink_to(demo_dir / stage)
+    demo.recipe["sft"].update(bf16=True, compile=True)
+    assert demo.precision() == "fp32, stage 2 in bf16 autocast with regional torch.compile"
+    compiled, autocast = [], []
+    monkeypatch.setattr(qwenvl.train, "compile_regions", lambda model: compiled.append(type(model).__name__))
+    arguments = demo_module._training_arguments
+    monkeypatch.setattr(demo_module, "_training_arguments",
+                        lambda *args, **kwargs: autocast.append(args[4]) or arguments(*args, **kwargs))
+    record = demo.stage_sft()
+    assert compiled == ["QwenVLForConditionalGeneration"] * 2 and autocast == [True, True]  # multi-task, then REC
+    assert record["metrics"]["rec"]["n"] > 0 and (tmp_path / "sft" / "model.safetensors").exists()
+
+
 def test_final_checkpoint_is_hub_ready_and_chats(demo_dir, tmp_path):
     from transformers import AutoModel, AutoProcessor
 
@@ -144,8 +163,9 @@ def test_bf16_autocast_is_opt_in_from_the_command_line(monkeypatch, tmp_path):
     assert build_parser().parse_args(["demo"]).bf16 is False
     assert build_parser().parse_args(["demo", "--bf16"]).bf16 is True
     assert demo_module.Demo(tmp_path).bf16 is False
-    assert "training in bf16 autocast" in demo_module.machine_summary(True)
-    assert "training in fp32" in demo_module.machine_summary(False)
+    assert demo_module.Demo(tmp_path, bf16=True).precision() == "bf16 autocast"
+    assert demo_module.Demo(tmp_path, quick=True).precision() == "fp32"
+    assert "training in fp32" in demo_module.machine_summary("fp32")
 
     seen = []
 
@@ -162,7 +182,7 @@ def test_bf16_autocast_is_opt_in_from_the_command_line(monkeypatch, tmp_path):
 def test_the_report_names_the_cpu_model_not_just_the_architecture():
     import qwenvl.demo as demo_module
 
-    summary = demo_module.machine_summary(False)
+    summary = demo_module.machine_summary("fp32")
     assert demo_module.cpu_model() in summary and platform.machine() in summary
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
