@@ -335,24 +335,30 @@ class Demo:
         steps), while 800 more steps on REC rows alone take it 0.41 -> 0.51 with VQA unchanged (README, the demo
         findings). The focus phase's steps continue the step axis of the losses.
         """
-        from .data.synthetic import TASKS
-
         recipe = self.recipe["sft"]
         focus = recipe["focus"]
-        unknown = [task for task in focus["tasks"] if task not in TASKS]
-        if unknown or not focus["tasks"]:
-            raise ValueError(f"recipe sft.focus.tasks must name tasks among {', '.join(TASKS)}, got {focus['tasks']!r}")
+        tasks = self.focus_tasks()
         mixed = self._train_sft(self.paths.pretrain, self.paths.sft_multitask, "multitask-frozen-vit", recipe,
                                 tasks=None, evaluate=False)
         precision = {key: recipe[key] for key in ("bf16", "compile") if key in recipe}  # the focus phase's too
         focused = self._train_sft(self.paths.sft_multitask, self.paths.sft, "multitask-frozen-vit",
-                                  {**precision, **focus}, tasks=tuple(focus["tasks"]))
+                                  {**precision, **focus}, tasks=tasks)
         shutil.rmtree(self.paths.sft_multitask)  # an intermediate checkpoint; the stage's result is `sft`
         offset = recipe["max_steps"]
         return {**mixed, "losses": mixed["losses"] + [(offset + step, loss) for step, loss in focused["losses"]],
                 "metrics": focused["metrics"],
-                "focus": {"tasks": list(focus["tasks"]), "train_loss": focused["train_loss"],
+                "focus": {"tasks": list(tasks), "train_loss": focused["train_loss"],
                           "n_rows": focused["n_rows"]}}
+
+    def focus_tasks(self) -> tuple[str, ...]:
+        """Stage 2's focus tasks, checked: `run` calls this before any stage, so a typo costs no training."""
+        from .data.synthetic import check_tasks
+
+        tasks = tuple(self.recipe["sft"]["focus"]["tasks"])
+        if not tasks:
+            raise ValueError("recipe sft.focus.tasks is empty: name the tasks of stage 2's last phase, e.g. ['rec']")
+        check_tasks(tasks, where="recipe sft.focus.tasks")
+        return tasks
 
     def _preference_rows(self, split: str, limit: int | None = None):
         from datasets import Dataset
@@ -447,6 +453,7 @@ class Demo:
             gradient_accumulation_steps=1, num_mini_batches=recipe["num_mini_batches"],
             num_ppo_epochs=recipe["num_ppo_epochs"], total_episodes=recipe["total_episodes"],
             response_length=recipe["response_length"], kl_coef=recipe["kl_coef"], ptx_coef=recipe["ptx_coef"],
+            normalize_scores=recipe.get("normalize_scores", False),
             ptx_batch_size=recipe["batch_size"], mixed_precision="bf16" if self.bf16 else "no",
             chat_template_kwargs={"trusted_text": True}, use_cpu=self.device == "cpu",
         )
@@ -483,6 +490,7 @@ class Demo:
         return result["metrics"]
 
     def run(self) -> dict:
+        self.focus_tasks()
         for stage in STAGES:
             folder = getattr(self.paths, stage)
             record = _done(folder)
@@ -508,7 +516,8 @@ class Demo:
         shutil.copytree(self.paths.ppo, final, ignore=shutil.ignore_patterns("trainer", "done.json"))
         plot_losses(self.records, self.paths.root / "loss.png")
         draw_grounding(self.paths.data, self.paths.final, self.paths.root / "grounding.png")
-        write_report(self.records, self.paths.root / "report.md", quick=self.quick, machine=machine_summary(self.precision()))
+        write_report(self.records, self.paths.root / "report.md", quick=self.quick,
+                     machine=machine_summary(self.precision()))
 
     def precision(self) -> str:
         """How the stages train, for the report: fp32 unless `--bf16` or stage 2's recipe says otherwise."""

@@ -10,6 +10,16 @@ from PIL import Image, ImageDraw
 TARGETS = {"rec": 0.80, "vqa": 0.90, "reward": 0.90}
 EVAL_STAGES = (("init", "untrained"), ("pretrain", "stage 1: adapter pre-training"),
                ("sft", "stage 2: multi-task SFT"), ("ppo", "stage 3: PPO-ptx"))
+_TASK_NAMES = {"rec": "REC", "vqa": "VQA", "grounded_caption": "grounded captions", "caption": "captions"}
+
+
+def stage_label(stage: str, records: dict) -> str:
+    """A stage's row label; stage 2 names its focus phase's tasks when it had one (`Demo.stage_sft`)."""
+    label = dict(EVAL_STAGES)[stage]
+    focus = records.get(stage, {}).get("focus") if stage == "sft" else None
+    if focus:
+        label += ", then " + " + ".join(_TASK_NAMES.get(task, task) for task in focus["tasks"]) + " only"
+    return label
 
 
 def _metric(metrics: dict, task: str, key: str) -> float | None:
@@ -29,7 +39,7 @@ def plot_losses(records: dict, path: Path) -> None:
 
     panels = [(records.get("vision", {}).get("losses"), "ViT pre-training (dense patch targets)", "loss"),
               (records.get("pretrain", {}).get("losses"), "stage 1: adapter pre-training", "loss"),
-              (records.get("sft", {}).get("losses"), "stage 2: multi-task SFT, then REC focus", "loss"),
+              (records.get("sft", {}).get("losses"), stage_label("sft", records), "loss"),
               (records.get("reward", {}).get("losses"), "reward model (pairwise)", "loss")]
     history = records.get("ppo", {}).get("history") or []
     figure, axes = plt.subplots(1, 5, figsize=(22, 3.6))
@@ -96,10 +106,10 @@ def draw_grounding(data_dir: Path, model_dir: Path, path: Path, n: int = 8, scal
 
 def stage_table(records: dict) -> list[dict]:
     table = []
-    for stage, label in EVAL_STAGES:
+    for stage, _ in EVAL_STAGES:
         metrics = records.get(stage, {}).get("metrics") or {}
         table.append({
-            "stage": label,
+            "stage": stage_label(stage, records),
             "rec": _metric(metrics, "rec", "accuracy"),
             "vqa": _metric(metrics, "vqa", "accuracy"),
             "cider": _metric(metrics, "caption", "cider_d"),

@@ -82,6 +82,7 @@ def test_stage_two_ends_with_a_phase_on_the_focus_tasks_only(demo_dir):
     steps = [step for step, _ in sft["losses"]]
     assert steps == sorted(steps) and steps[-1] == recipe["max_steps"] + recipe["focus"]["max_steps"]
     assert not (demo_dir / "sft_multitask").exists()  # the intermediate checkpoint is not left behind
+    assert "| stage 2: multi-task SFT, then REC only |" in (demo_dir / "report.md").read_text()
 
 
 def test_a_focus_phase_naming_an_unknown_task_is_refused_before_training(tmp_path):
@@ -89,8 +90,12 @@ def test_a_focus_phase_naming_an_unknown_task_is_refused_before_training(tmp_pat
 
     demo = Demo(tmp_path, quick=True)
     demo.recipe["sft"]["focus"]["tasks"] = ["REC"]
-    with pytest.raises(ValueError, match=r"sft.focus.tasks must name tasks among caption, vqa, rec.*'REC'"):
+    with pytest.raises(ValueError, match=r"recipe sft.focus.tasks: unknown task\(s\) \['REC'\]; expected .*'rec'"):
         demo.stage_sft()
+    demo.recipe["sft"]["focus"]["tasks"] = []
+    with pytest.raises(ValueError, match=r"recipe sft.focus.tasks is empty"):
+        demo.run()  # before the first stage
+    assert not (tmp_path / "data").exists()
     assert not (tmp_path / "sft_multitask").exists() and not (tmp_path / "sft").exists()
 
 

@@ -196,6 +196,25 @@ def test_a_likelihood_reward_model_scores_rollouts_and_the_critic_comes_from_the
         torch.testing.assert_close(rollout.scores[i], expected, atol=1e-4, rtol=1e-4)
 
 
+def test_normalized_scores_become_unit_scale_rewards_and_the_logs_keep_the_raw_scores(tmp_path):
+    policy, processor = build_tiny_model_and_processor(seed=1)
+    config = tiny_config(tmp_path, per_device_train_batch_size=2, num_mini_batches=2, normalize_scores=True)
+    trainer = PPOTrainer(config, processor, policy, train_dataset=colour_rows(8),
+                         reward_fn=lambda completions, **kwargs: [-20.0 - 3.0 * i for i in range(len(completions))])
+    first = trainer.generate_rollout(colour_rows(4))
+    second = trainer.generate_rollout(colour_rows(4))
+
+    raw = torch.tensor([-20.0, -23.0, -26.0, -29.0])
+    torch.testing.assert_close(second.scores, raw)  # what the history reports
+    seen = torch.cat([raw, raw])
+    expected = (raw - seen.mean()) / seen.std(unbiased=False)
+    last = second.response_mask.sum(1) - 1
+    kl_part = (-config.kl_coef * second.kl)[torch.arange(4), last]
+    torch.testing.assert_close(second.rewards[torch.arange(4), last], expected + kl_part)
+    assert trainer.score_moments.count == 8
+    assert first.rewards[torch.arange(4), first.response_mask.sum(1) - 1].abs().max() < 2.0
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Pre-training term (PPO-ptx)
 # ---------------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 from qwenvl.rl.core import (
     AdaptiveKLController,
     FixedKLController,
+    RunningMoments,
     compute_gae,
     compute_rewards,
     entropy_from_logits,
@@ -359,3 +360,18 @@ def test_tokens_after_eos_do_not_change_rewards_or_advantages():
     for a, b in zip(clean, noisy, strict=True):
         torch.testing.assert_close(a, b)
     assert clean[0][0, 2].item() == pytest.approx(1.0 - 0.05 * kl_penalty(logprobs[0, 2], ref[0, 2], "k3").item())
+
+
+def test_running_moments_match_the_moments_of_everything_seen():
+    values = torch.randn(103, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 7.0 - 20.0
+    moments = RunningMoments()
+    for chunk in values.split([1, 16, 50, 36]):
+        moments.update(chunk)
+    assert moments.count == 103
+    assert moments.mean == pytest.approx(values.mean().item())
+    assert moments.std == pytest.approx(values.std(unbiased=False).item())
+    normalized = moments.normalize(values)
+    assert normalized.mean().item() == pytest.approx(0.0, abs=1e-9)
+    assert normalized.std(unbiased=False).item() == pytest.approx(1.0)
+    moments.update(torch.empty(0))  # nothing seen, nothing changed
+    assert moments.count == 103

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -442,11 +442,16 @@ def _draw_vqa(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
     return qtype, question, answer
 
 
-def make_samples(scene: Scene, tasks: tuple[str, ...] = TASKS, id_prefix: str | None = None) -> list[Sample]:
-    """One sample per task for `scene` (VQA question type and REC target drawn from the scene seed)."""
+def check_tasks(tasks: Sequence[str], where: str = "tasks") -> None:
+    """Raise a ValueError naming `where` (e.g. a recipe field) when `tasks` holds a name outside `TASKS`."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; expected a subset of {TASKS}")
+        raise ValueError(f"{where}: unknown task(s) {unknown}; expected a subset of {TASKS}")
+
+
+def make_samples(scene: Scene, tasks: tuple[str, ...] = TASKS, id_prefix: str | None = None) -> list[Sample]:
+    """One sample per task for `scene` (VQA question type and REC target drawn from the scene seed)."""
+    check_tasks(tasks)
     rng = np.random.default_rng([scene.seed, 1])
     # Draw both choices up front so that the subset of tasks does not change either of them.
     qtype, question, short = _draw_vqa(scene, rng)
@@ -747,6 +752,7 @@ __all__ = [
     "scene_seed",
     "make_scene",
     "caption",
+    "check_tasks",
     "make_samples",
     "make_preference_pairs",
     "PATCH_CLASSES",

@@ -4,6 +4,7 @@
 from .core import (
     AdaptiveKLController,
     FixedKLController,
+    RunningMoments,
     compute_gae,
     compute_rewards,
     entropy_from_logits,
@@ -44,6 +45,7 @@ def __getattr__(name: str):
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
+    "RunningMoments",
     "PolicyAndValueModel",
     "PPOConfig",
     "PPOTrainer",

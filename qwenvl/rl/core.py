@@ -245,6 +245,39 @@ def entropy_from_logits(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.T
     return out.view(logits.shape[:-1])
 
 
+class RunningMoments:
+    """Mean and standard deviation of every value seen so far (Chan et al.'s parallel update, one batch at a time).
+
+    PPO uses it to put reward-model scores on a unit scale before they become returns: a critic that starts at 0
+    against scores of -20 has a value loss in the hundreds, and its gradient then dominates the clipped global norm
+    and starves the policy's (the demo's likelihood reward model, README).
+    """
+
+    def __init__(self, eps: float = 1e-8):
+        self.mean, self.var, self.count, self.eps = 0.0, 1.0, 0, eps
+
+    def update(self, values: torch.Tensor) -> None:
+        values = values.detach().double().flatten()
+        n = values.numel()
+        if n == 0:
+            return
+        batch_mean = float(values.mean())
+        batch_var = float(values.var(unbiased=False))
+        total = self.count + n
+        delta = batch_mean - self.mean
+        squares = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var = squares / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return max(self.var, 0.0) ** 0.5 + self.eps
+
+    def normalize(self, values: torch.Tensor) -> torch.Tensor:
+        return (values - self.mean) / self.std
+
+
 class FixedKLController:
     """KL coefficient that never changes; `update` exists so both controllers share one interface."""
 

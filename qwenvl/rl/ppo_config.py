@@ -69,6 +69,10 @@ class PPOConfig:
     kl_target: float = 6.0
     kl_horizon: int = 10000
     whiten_rewards: bool = False
+    normalize_scores: bool = False
+    """Standardise the reward model's scores with their running mean and std (over every rollout so far) before the
+    KL penalty is added: returns then sit on a unit scale, so a critic starting at 0 does not begin with a value loss
+    that dominates the clipped gradient (scores of -20 gave value losses of ~100 and a policy that did not move)."""
 
     # PPO losses
     cliprange: float = 0.2

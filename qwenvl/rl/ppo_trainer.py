@@ -42,6 +42,7 @@ from transformers import GenerationConfig, get_scheduler
 from .core import (
     AdaptiveKLController,
     FixedKLController,
+    RunningMoments,
     compute_gae,
     compute_rewards,
     entropy_from_logits,
@@ -315,6 +316,7 @@ class PPOTrainer:
             if config.adaptive_kl
             else FixedKLController(config.kl_coef)
         )
+        self.score_moments = RunningMoments()
         model = PolicyAndValueModel(policy, value_model)
         optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
@@ -598,8 +600,12 @@ class PPOTrainer:
             scores = scores - config.missing_eos_penalty * (~has_stop).float()
 
         # Advantages
+        reward_scores = scores  # `Rollout.scores` stays on the reward model's scale, for the logs
+        if config.normalize_scores:
+            self.score_moments.update(self.accelerator.gather(scores))
+            reward_scores = self.score_moments.normalize(scores)
         rewards, kl = compute_rewards(
-            scores, logprobs, ref_logprobs, response_mask, self.kl_ctl.value, config.kl_estimator
+            reward_scores, logprobs, ref_logprobs, response_mask, self.kl_ctl.value, config.kl_estimator
         )
         if config.whiten_rewards:
             rewards = masked_whiten(rewards, response_mask, shift_mean=False)
