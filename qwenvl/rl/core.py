@@ -248,9 +248,9 @@ def entropy_from_logits(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.T
 class RunningMoments:
     """Mean and standard deviation of every value seen so far (Chan et al.'s parallel update, one batch at a time).
 
-    PPO uses it to put reward-model scores on a unit scale before they become returns: a critic that starts at 0
-    against scores of -20 has a value loss in the hundreds, and its gradient then dominates the clipped global norm
-    and starves the policy's (the demo's likelihood reward model, README).
+    PPO uses it to put reward-model scores on a unit scale before they become returns, so that a critic starting at 0
+    does not spend its updates chasing the scores' offset (the demo's likelihood reward model scores about -22: value
+    loss ~135 raw, ~0.15 standardised; README).
     """
 
     def __init__(self, eps: float = 1e-8):
