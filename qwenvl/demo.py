@@ -147,8 +147,8 @@ class Demo:
         self.quick = quick
         self.seed = seed
         self.device = device
-        # bf16=True: every stage under bf16 autocast. Otherwise each stage's recipe decides (`bf16`, `compile`): only
-        # stage 2's steps run faster that way (README, demo findings); the vision stage's steps run slower in bf16.
+        # bf16=True: every stage under bf16 autocast. Otherwise stage 2's recipe decides (`bf16`, `compile`), the only
+        # stage whose steps run faster that way (README, demo findings); the vision stage's run slower in bf16.
         self.bf16 = bool(bf16)
         self.paths = DemoPaths(Path(out))
         self.paths.root.mkdir(parents=True, exist_ok=True)
