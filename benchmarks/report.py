@@ -52,6 +52,13 @@ def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
             ("train: peak RSS MiB", _fmt(o["peak_rss_mib"]), _fmt(r["peak_rss_mib"]),
              _fmt(o["peak_rss_mib"] / r["peak_rss_mib"], "x"), ""),
         ]
+        c = results["train"].get("optimized-compiled")
+        if c is not None:  # against optimized, not reference: what the compile adds
+            out += [
+                ("train, blocks compiled: tokens/s (ratio: vs optimized)", _fmt(c["tokens_per_s"]), "",
+                 _fmt(results["train"]["compiled_speedup_tokens_per_s"], "x"), _noise(c["timing"])),
+                (f"train, blocks compiled: of matmul ceiling ({c['ceiling_dtype']})", _pct(c), "", "", ""),
+            ]
 
     if "generation" in results:
         g = results["generation"]

@@ -46,7 +46,9 @@ def train_job(spec: dict) -> dict:
     step, batch, rss_runtime = _setup(spec)
     train = spec["train"]
     losses = []
-    timing = measure(lambda: losses.append(step()), repeats=train["repeats"], warmup=train["warmup"])
+    # A compiled step compiles on its first call and may recompile once on the second (grads now exist).
+    warmup = max(train["warmup"], 2) if step.mode.compiled_training else train["warmup"]
+    timing = measure(lambda: losses.append(step()), repeats=train["repeats"], warmup=warmup)
     if not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"non-finite training loss in {spec['mode']} mode: {losses}")
     b, length = batch["input_ids"].shape

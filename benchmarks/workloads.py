@@ -31,6 +31,7 @@ class Mode:
     inference_dtype: torch.dtype  # weights and activations for generation and vision encoding
     fused_optimizer: bool
     packed_weights: bool = False  # `pack_linear_weights_for_cpu` for generation and vision encoding
+    compiled_training: bool = False  # `qwenvl.train.compile_regions` on the trained model (compiles on its first step)
 
     @property
     def train_dtype(self) -> torch.dtype:
@@ -43,7 +44,10 @@ REFERENCE = Mode("reference", "eager", False, torch.float32, False)
 SDPA_FP32 = Mode("sdpa-fp32", "sdpa", False, torch.float32, False)
 SDPA_FP32_FUSED = Mode("sdpa-fp32-fused-adamw", "sdpa", False, torch.float32, True)
 SDPA_BF16 = Mode("sdpa-bf16", "sdpa", True, torch.bfloat16, True)
-MODES = {m.name: m for m in (OPTIMIZED, REFERENCE, SDPA_FP32, SDPA_FP32_FUSED, SDPA_BF16)}
+# The optimized step with each block and the loss compiled: timed in the train section next to `optimized`.
+OPTIMIZED_COMPILED = Mode("optimized-compiled", "sdpa", True, torch.bfloat16, True, packed_weights=True,
+                          compiled_training=True)
+MODES = {m.name: m for m in (OPTIMIZED, OPTIMIZED_COMPILED, REFERENCE, SDPA_FP32, SDPA_FP32_FUSED, SDPA_BF16)}
 
 
 def build_model(
@@ -131,6 +135,10 @@ class TrainStep:
         freeze_for_sft(model)
         if checkpointing:
             model.activation_checkpointing_enable()
+        if mode.compiled_training:
+            from qwenvl.train import compile_regions
+
+            compile_regions(model)
         model.train()
         self.model, self.mode, self.batch = model, mode, batch
         self.device_type = next(model.parameters()).device.type
