@@ -10,7 +10,8 @@ that API (`PPOConfig`, `PPOTrainer(...).train()`, `save_model`) and adds both. O
    re-encodes there to get gradients). Responses are sampled at `temperature` (image tags excluded), cut after the
    first stop token, and scored by the reward model (at the last response token) or by reward functions.
 2. *Advantages.* Per-token rewards `-kl_coef * KL(policy || reference)` (k1 or k3) with the score (minus the
-   missing-EOS penalty) on the last token, optional reward whitening, GAE, whitened advantages.
+   missing-EOS penalty, optionally standardised by its running moments) on the last token, optional reward
+   whitening, GAE, whitened advantages.
 3. *PPO epochs.* `num_ppo_epochs` shuffled passes in minibatches: clipped policy surrogate + `vf_coef` x clipped
    value loss + `ptx_coef` x the language-modelling loss of one batch of the pre-training (SFT) data.
 
