@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .report import format_table
 from .suite import DEFAULT_SECTIONS, SECTIONS, load_config, run_suite
+from .workloads import PRECISIONS
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -21,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--config", default="small", help="config name in benchmarks/configs or a JSON path")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS),
                         help="workloads to run (default: all but `ablation`); the ceilings are always measured")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="the optimized mode's precision (default auto: bf16 where the measured bf16 matmul "
+                             "ceiling beats fp32's, fp32 where it does not, e.g. an AVX2-only CPU)")
     parser.add_argument("--json", type=Path, default=None,
                         help="where to write the results (default benchmarks/results/<config>.json)")
     return parser
@@ -33,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"python -m benchmarks: error: {err}", file=sys.stderr)
         return 2
-    results = run_suite(config, tuple(args.sections), log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    results = run_suite(config, tuple(args.sections), log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                        precision=args.precision)
     print(format_table(results))
     path = args.json or RESULTS_DIR / f"{config['name']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

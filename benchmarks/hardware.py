@@ -63,8 +63,11 @@ def bandwidth_ceiling(mib: int, repeats: int) -> dict:
 
 
 def measure_ceilings(matmul_n: int, copy_mib: int, repeats: int) -> dict:
-    return {
-        "matmul_fp32": matmul_ceiling(torch.float32, matmul_n, repeats),
-        "matmul_bf16": matmul_ceiling(torch.bfloat16, matmul_n, repeats),
-        "bandwidth": bandwidth_ceiling(copy_mib, repeats),
-    }
+    fp32 = matmul_ceiling(torch.float32, matmul_n, repeats)
+    # A CPU without bf16 kernels (AVX2 only) runs them 100x slower than fp32, single-threaded: a short probe tells,
+    # and then a 512 product measures that path (no slower than a large one there) in seconds instead of a minute.
+    probe = matmul_ceiling(torch.bfloat16, min(matmul_n, 256), 1)
+    slow = probe["flops_per_s"] < fp32["flops_per_s"] / 4
+    bf16 = matmul_ceiling(torch.bfloat16, min(matmul_n, 512), min(repeats, 3)) if slow else \
+        matmul_ceiling(torch.bfloat16, matmul_n, repeats)
+    return {"matmul_fp32": fp32, "matmul_bf16": bf16, "bandwidth": bandwidth_ceiling(copy_mib, repeats)}

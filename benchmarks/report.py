@@ -29,12 +29,17 @@ def _pct(result: dict, key: str = "fraction_of_ceiling") -> str:
     return f"{result[key]:.1%} ({result[key + '_cpu_time']:.1%} per CPU-s)"
 
 
+def _optimized_dtype(results: dict) -> str:
+    """The optimized mode's inference dtype (runs before the fp32 fallback existed were all bf16)."""
+    return results.get("optimized_mode", {}).get("inference_dtype", "bfloat16")
+
+
 def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
     """(figure, optimized, reference, optimized/reference, noise of optimized | reference)."""
     out = []
     c = results["ceilings"]
     bf16, fp32, bw = c["matmul_bf16"], c["matmul_fp32"], c["bandwidth"]
-    out.append(("matmul ceiling GFLOP/s (optimized: bf16, reference: fp32)", _fmt(bf16["flops_per_s"] / 1e9),
+    out.append(("matmul ceiling GFLOP/s (bf16 | fp32)", _fmt(bf16["flops_per_s"] / 1e9),
                 _fmt(fp32["flops_per_s"] / 1e9), _fmt(bf16["flops_per_s"] / fp32["flops_per_s"], "x"),
                 _noises(bf16["timing"], fp32["timing"])))
     out.append(("copy bandwidth GB/s (read + write)", _fmt(bw["bytes_per_s"] / 1e9), "", "", _noise(bw["timing"])))
@@ -84,15 +89,16 @@ def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
                         _fmt(result["prefill_tokens_per_s"]), _fmt(ref["prefill_tokens_per_s"]) if b1 else "",
                         _fmt(g["prefill_speedup_b1"], "x") if b1 else "",
                         _noises(result["prefill"], ref["prefill"] if b1 else None)))
-        out.append(("prefill b8: of bf16 matmul ceiling", _pct(g["optimized"][list(g["optimized"])[-1]],
-                                                               "prefill_fraction_of_ceiling"), "", "", ""))
+        last = list(g["optimized"])[-1]
+        out.append((f"prefill {last}: of {_optimized_dtype(results)} matmul ceiling",
+                    _pct(g["optimized"][last], "prefill_fraction_of_ceiling"), "", "", ""))
 
     if "vision" in results:
         o, r = results["vision"]["optimized"], results["vision"]["reference"]
         out.append((f"vision images/s (ViT + adapter, batch {o['batch_size']})", _fmt(o["images_per_s"]),
                     _fmt(r["images_per_s"]), _fmt(results["vision"]["speedup"], "x"),
                     _noises(o["timing"], r["timing"])))
-        out.append(("vision: of matmul ceiling (bf16 | fp32)", _pct(o), _pct(r), "", ""))
+        out.append((f"vision: of matmul ceiling ({_optimized_dtype(results)} | float32)", _pct(o), _pct(r), "", ""))
 
     if "reuse" in results:
         u = results["reuse"]
@@ -114,25 +120,24 @@ def ablation_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
     """(step, rate, × previous, × previous per CPU-s, noise): one change at a time, in the order the optimized mode
     stacks them."""
     ablation = results["ablation"]
+    bf16 = _optimized_dtype(results) == "bfloat16"  # in fp32 the chains end at fused AdamW and at SDPA
     chains = []
     if "train" in results:
         train = {**results["train"], **ablation["train"]}
-        chains.append(("train tok/s", [
-            ("reference: eager, fp32, looped AdamW", train["reference"]),
-            ("+ SDPA", train["sdpa-fp32"]),
-            ("+ fused AdamW", train["sdpa-fp32-fused-adamw"]),
-            ("+ bf16 autocast (= optimized)", train["optimized"]),
-        ], lambda r: (r["tokens_per_s"], r["tokens_per_s"] * r["timing"]["median_s"] / r["timing"]["cpu_s"]),
+        steps = [("reference: eager, fp32, looped AdamW", train["reference"]), ("+ SDPA", train["sdpa-fp32"])]
+        steps += ([("+ fused AdamW", train["sdpa-fp32-fused-adamw"]),
+                   ("+ bf16 autocast (= optimized)", train["optimized"])] if bf16 else
+                  [("+ fused AdamW (= optimized)", train["optimized"])])
+        chains.append(("train tok/s", steps, lambda r: (r["tokens_per_s"], r["tokens_per_s"] * r["timing"]["median_s"] / r["timing"]["cpu_s"]),
             lambda r: r["timing"]))
     if "generation" in results:
         gen = results["generation"]
-        chains.append(("decode b1 tok/s", [
-            ("reference: eager, fp32, no cache", gen["reference"]["b1_no_cache"]),
-            ("+ KV cache", gen["reference"]["b1_cache"]),
-            ("+ SDPA", ablation["decode_b1"]["sdpa-fp32"]),
-            ("+ bf16 weights", ablation["decode_b1"]["sdpa-bf16"]),
-            ("+ packed weights (= optimized)", gen["optimized"]["b1"]),
-        ], lambda r: (r["decode_tokens_per_s"], r["decode_tokens_per_cpu_s"]), lambda r: r["generate"]))
+        steps = [("reference: eager, fp32, no cache", gen["reference"]["b1_no_cache"]),
+                 ("+ KV cache", gen["reference"]["b1_cache"])]
+        steps += ([("+ SDPA", ablation["decode_b1"]["sdpa-fp32"]), ("+ bf16 weights", ablation["decode_b1"]["sdpa-bf16"]),
+                   ("+ packed weights (= optimized)", gen["optimized"]["b1"])] if bf16 else
+                  [("+ SDPA (= optimized)", gen["optimized"]["b1"])])
+        chains.append(("decode b1 tok/s", steps, lambda r: (r["decode_tokens_per_s"], r["decode_tokens_per_cpu_s"]), lambda r: r["generate"]))
     out = []
     for title, steps, rates, timing in chains:
         previous = None
@@ -158,12 +163,18 @@ def format_table(results: dict) -> str:
         f"load average {machine['load_average_at_start']} -> {machine.get('load_average_at_end')}",
         *_table(("figure", "optimized", "reference", "ratio", "noise: optimized | reference"), rows(results)),
     ]
+    if "optimized_mode" in results:
+        mode = results["optimized_mode"]
+        lines.insert(1, f"optimized mode: {mode['name']} (train {mode['train_dtype']}, inference "
+                        f"{mode['inference_dtype']}; --precision {mode['precision']}, bf16 matmuls "
+                        f"{mode['bf16_matmul_speedup']:.3g}x fp32 here)")
     if "ablation" in results:
         lines += ["", *_table(("one change at a time", "rate", "x previous", "x previous per CPU-s", "noise"),
                               ablation_rows(results)), ""]
     if "accuracy" in results:
-        lines.append("bf16 vs fp32 on the same weights: " + ", ".join(
-            f"{k} {v:.4g}" for k, v in results["accuracy"].items()))
+        accuracy = results["accuracy"]
+        lines.append("bf16 vs fp32 on the same weights: " + (f"not measured: {accuracy['skipped']}" if "skipped" in accuracy
+                     else ", ".join(f"{k} {v:.4g}" for k, v in accuracy.items())))
     for t in results.get("targets", []):
         extra = f"; {t['value_cpu_time']} per CPU-s" if "value_cpu_time" in t else ""
         lines.append(f"target {'MET    ' if t['met'] else 'NOT MET'} {t['target']}: {t['value']}{extra} "

@@ -18,16 +18,17 @@ from .hardware import machine_info, measure_ceilings
 from .timing import measure
 from .worker import MEMORY_JOB_ENV
 from .workloads import (
-    OPTIMIZED,
-    OPTIMIZED_COMPILED,
+    PRECISIONS,
     REFERENCE,
     SDPA_BF16,
     SDPA_FP32,
     SDPA_FP32_FUSED,
+    Mode,
     accuracy_check,
     build_model,
     decode_rates,
     inference_model,
+    optimized_modes,
     prompt_batch,
     train_batch,
     vision_fn,
@@ -97,18 +98,20 @@ def _train_job(config: dict, ceilings: dict, mode) -> dict:
     return result
 
 
-def run_train(config: dict, ceilings: dict) -> dict:
-    out = {mode.name: _train_job(config, ceilings, mode) for mode in (OPTIMIZED, OPTIMIZED_COMPILED, REFERENCE)}
+def run_train(config: dict, ceilings: dict, optimized: Mode, compiled: Mode) -> dict:
+    # Keyed by role, not mode name: "optimized" is the fp32 variant on a machine without fast bf16.
+    out = {role: _train_job(config, ceilings, mode)
+           for role, mode in (("optimized", optimized), ("optimized-compiled", compiled), ("reference", REFERENCE))}
     out["speedup_tokens_per_s"] = out["optimized"]["tokens_per_s"] / out["reference"]["tokens_per_s"]
     out["compiled_speedup_tokens_per_s"] = out["optimized-compiled"]["tokens_per_s"] / out["optimized"]["tokens_per_s"]
     return out
 
 
-def run_memory(config: dict) -> dict:
+def run_memory(config: dict, optimized: Mode) -> dict:
     train = {**config["train"], "batch_size": config["train"].get("memory_batch_size", config["train"]["batch_size"])}
-    out = {"batch_size": train["batch_size"], "seq_len": train["seq_len"], "mode": OPTIMIZED.name}
+    out = {"batch_size": train["batch_size"], "seq_len": train["seq_len"], "mode": optimized.name}
     for checkpointing in (False, True):
-        spec = {"job": "memory", "mode": OPTIMIZED.name, "model": config["model"], "train": train,
+        spec = {"job": "memory", "mode": optimized.name, "model": config["model"], "train": train,
                 "checkpointing": checkpointing}
         out["checkpointing" if checkpointing else "no_checkpointing"] = run_worker(spec, env=MEMORY_JOB_ENV)
     on, off = out["checkpointing"], out["no_checkpointing"]
@@ -117,26 +120,26 @@ def run_memory(config: dict) -> dict:
     return out
 
 
-def run_generation(config: dict, ceilings: dict) -> dict:
+def run_generation(config: dict, ceilings: dict, optimized: Mode) -> dict:
     gen = config["generate"]
     bandwidth = ceilings["bandwidth"]["bytes_per_s"]
     out = {"optimized": {}, "reference": {}}
 
-    model = inference_model(build_model(config["model"]), OPTIMIZED)
+    model = inference_model(build_model(config["model"]), optimized)
     shapes = flops.Shapes.from_config(model.config)
     weight_bytes = flops.decode_weight_bytes(model)
     for batch in gen["batch_sizes"]:
         prompt = prompt_batch(model.config, batch, gen["prompt_text_tokens"])
         result = decode_rates(model, prompt, gen["new_tokens"], use_cache=True, repeats=gen["repeats"])
         work = flops.prefill_flops(shapes, batch, result["prompt_len"], images=batch)
-        fractions = _fractions(work, result["prefill"], ceilings, OPTIMIZED.inference_dtype)
+        fractions = _fractions(work, result["prefill"], ceilings, optimized.inference_dtype)
         result.update({f"prefill_{k}": v for k, v in fractions.items()})
         out["optimized"][f"b{batch}"] = result
     floor_step_s = weight_bytes / bandwidth
     b1 = out["optimized"]["b1"]
     out["weight_bytes_per_step"] = weight_bytes
     out["kv_cache_bytes_at_end_b1"] = flops.kv_cache_bytes(
-        shapes, 1, b1["prompt_len"] + gen["new_tokens"], torch.finfo(OPTIMIZED.inference_dtype).bits // 8)
+        shapes, 1, b1["prompt_len"] + gen["new_tokens"], torch.finfo(optimized.inference_dtype).bits // 8)
     out["floor_step_s"] = floor_step_s
     out["floor_b1_tokens_per_s"] = 1 / floor_step_s
     out["b1_step_over_floor"] = b1["decode_step_s"] / floor_step_s
@@ -144,7 +147,8 @@ def run_generation(config: dict, ceilings: dict) -> dict:
     gc.collect()
     # The same decode in a fresh process with libgomp's default waiting (spin, then sleep), as a user gets it without
     # OMP_WAIT_POLICY: on an idle host it is the faster setting for decode's many small kernels (optimisation 13).
-    out["b1_default_wait"] = run_worker({"job": "decode", "model": config["model"], "generate": gen, "batch": 1},
+    out["b1_default_wait"] = run_worker({"job": "decode", "mode": optimized.name, "model": config["model"],
+                                         "generate": gen, "batch": 1},
                                         unset=("OMP_WAIT_POLICY",))
     out["b1_default_wait_step_over_floor"] = out["b1_default_wait"]["decode_step_s"] / floor_step_s
 
@@ -166,15 +170,15 @@ def run_generation(config: dict, ceilings: dict) -> dict:
     return out
 
 
-def run_vision(config: dict, ceilings: dict) -> dict:
+def run_vision(config: dict, ceilings: dict, optimized: Mode) -> dict:
     vis = config["vision"]
     out = {}
-    for mode in (OPTIMIZED, REFERENCE):
+    for role, mode in (("optimized", optimized), ("reference", REFERENCE)):
         model = inference_model(build_model(config["model"]), mode)
         pixels = prompt_batch(model.config, vis["batch_size"], 1)["pixel_values"]
         timing = measure(vision_fn(model, pixels), repeats=vis["repeats"], warmup=vis["warmup"])
         work = flops.vision_flops(flops.Shapes.from_config(model.config), vis["batch_size"])
-        out[mode.name] = {
+        out[role] = {
             "batch_size": vis["batch_size"],
             "timing": timing.to_dict(),
             "images_per_s": vis["batch_size"] / timing.median_s,
@@ -186,15 +190,15 @@ def run_vision(config: dict, ceilings: dict) -> dict:
     return out
 
 
-def run_reuse(config: dict) -> dict:
+def run_reuse(config: dict, optimized: Mode) -> dict:
     """A later chat turn's prefill with the image re-encoded (as the release does every turn) vs features reused."""
     gen = config["generate"]
-    model = inference_model(build_model(config["model"]), OPTIMIZED)
+    model = inference_model(build_model(config["model"]), optimized)
     prompt = prompt_batch(model.config, 1, REUSE_TURNS * 2 * gen["prompt_text_tokens"])
     features = vision_fn(model, prompt["pixel_values"])()
     text = {"input_ids": prompt["input_ids"], "attention_mask": prompt["attention_mask"], "use_cache": False,
             "logits_to_keep": 1}
-    pixels = prompt["pixel_values"].to(OPTIMIZED.inference_dtype)
+    pixels = prompt["pixel_values"].to(optimized.inference_dtype)
 
     @torch.inference_mode()
     def reencode():
@@ -214,17 +218,18 @@ def run_reuse(config: dict) -> dict:
     }
 
 
-def run_ablation(config: dict, ceilings: dict) -> dict:
+def run_ablation(config: dict, ceilings: dict, optimized: Mode) -> dict:
     """The modes between reference and optimized, one change at a time (RESULTS.md's optimisation history).
 
     Training: eager fp32 → SDPA fp32 → + fused AdamW → + bf16 autocast (= optimized). Decode at batch 1 with the
     cache: eager fp32 → SDPA fp32 → bf16 weights → packed weights (= optimized); the no-cache step is in the
-    generation section.
+    generation section. Where the optimized mode is fp32, the chains end at fused AdamW and at SDPA.
     """
+    bf16 = optimized.train_autocast
     out = {"train": {mode.name: _train_job(config, ceilings, mode) for mode in (SDPA_FP32, SDPA_FP32_FUSED)}}
     gen = config["generate"]
     out["decode_b1"] = {}
-    for mode in (SDPA_FP32, SDPA_BF16):
+    for mode in (SDPA_FP32, SDPA_BF16) if bf16 else (SDPA_FP32,):
         model = inference_model(build_model(config["model"]), mode)
         prompt = prompt_batch(model.config, 1, gen["prompt_text_tokens"])
         out["decode_b1"][mode.name] = decode_rates(model, prompt, gen["new_tokens"], use_cache=True,
@@ -258,23 +263,35 @@ def model_summary(config: dict) -> dict:
     }
 
 
-def run_suite(config: dict, sections: tuple[str, ...] = DEFAULT_SECTIONS, log=print) -> dict:
+def run_suite(config: dict, sections: tuple[str, ...] = DEFAULT_SECTIONS, log=print, precision: str = "auto") -> dict:
+    """`precision`: the optimized mode's, "bf16", "fp32", or "auto" (bf16 where the measured ceilings say its matmuls
+    are faster than fp32 ones; not on an AVX2-only CPU, which has no bf16 kernels)."""
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown sections {sorted(unknown)}; known: {list(SECTIONS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     started = time.perf_counter()
     results: dict = {"config": config["name"], "machine": machine_info(), "model": model_summary(config)}
     log(f"[bench] config {config['name']}: {results['model']['total_params'] / 1e6:.1f} M parameters")
     log("[bench] ceilings ...")
-    results["ceilings"] = measure_ceilings(**config["ceilings"])
+    ceilings = results["ceilings"] = measure_ceilings(**config["ceilings"])
+    speedup = ceilings["matmul_bf16"]["flops_per_s"] / ceilings["matmul_fp32"]["flops_per_s"]
+    optimized, compiled = optimized_modes(precision, speedup)
+    results["optimized_mode"] = {"name": optimized.name, "precision": precision, "bf16_matmul_speedup": speedup,
+                                 "train_dtype": str(optimized.train_dtype).removeprefix("torch."),
+                                 "inference_dtype": str(optimized.inference_dtype).removeprefix("torch.")}
+    log(f"[bench] optimized mode: {optimized.name} (bf16 matmuls {speedup:.3g}x fp32, precision {precision})")
     runners = {
-        "train": lambda: run_train(config, results["ceilings"]),
-        "memory": lambda: run_memory(config),
-        "generation": lambda: run_generation(config, results["ceilings"]),
-        "vision": lambda: run_vision(config, results["ceilings"]),
-        "reuse": lambda: run_reuse(config),
-        "accuracy": lambda: run_accuracy(config),
-        "ablation": lambda: run_ablation(config, results["ceilings"]),
+        "train": lambda: run_train(config, ceilings, optimized, compiled),
+        "memory": lambda: run_memory(config, optimized),
+        "generation": lambda: run_generation(config, ceilings, optimized),
+        "vision": lambda: run_vision(config, ceilings, optimized),
+        "reuse": lambda: run_reuse(config, optimized),
+        # bf16's error against fp32: nothing to measure where the optimized mode does not use bf16.
+        "accuracy": lambda: run_accuracy(config) if optimized.train_autocast else {
+            "skipped": f"the optimized mode is {optimized.name} on this machine (bf16 matmuls {speedup:.3g}x fp32)"},
+        "ablation": lambda: run_ablation(config, ceilings, optimized),
     }
     for name in SECTIONS:
         if name in sections:
@@ -303,7 +320,9 @@ def evaluate_targets(results: dict) -> list[dict]:
         for mode, label in (("optimized", ""), ("optimized-compiled", ", blocks compiled")):
             if mode in results["train"]:
                 o = results["train"][mode]
-                add(f"training step model FLOP/s vs bf16 matmul ceiling{label}", ">= 0.40", o["fraction_of_ceiling"],
+                dtype = {"bfloat16": "bf16", "float32": "fp32"}[o["ceiling_dtype"]]
+                add(f"training step model FLOP/s vs {dtype} matmul ceiling{label}", ">= 0.40",
+                    o["fraction_of_ceiling"],
                     o["fraction_of_ceiling"] >= 0.40, o["fraction_of_ceiling_cpu_time"])
     if "generation" in results:
         gen = results["generation"]

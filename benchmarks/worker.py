@@ -17,7 +17,6 @@ from .flops import Shapes, train_step_flops
 from .timing import RssPeak, current_rss_bytes, measure, peak_rss_bytes
 from .workloads import (
     MODES,
-    OPTIMIZED,
     TrainStep,
     build_model,
     decode_rates,
@@ -82,9 +81,9 @@ def memory_job(spec: dict) -> dict:
 
 
 def decode_job(spec: dict) -> dict:
-    """`decode_rates` of the optimized mode at batch `spec["batch"]`, under this process's OpenMP environment."""
+    """`decode_rates` of `spec["mode"]` at batch `spec["batch"]`, under this process's OpenMP environment."""
     gen = spec["generate"]
-    model = inference_model(build_model(spec["model"], seed=spec.get("seed", 0)), OPTIMIZED)
+    model = inference_model(build_model(spec["model"], seed=spec.get("seed", 0)), MODES[spec["mode"]])
     prompt = prompt_batch(model.config, spec["batch"], gen["prompt_text_tokens"])
     result = decode_rates(model, prompt, gen["new_tokens"], use_cache=True, repeats=gen["repeats"])
     result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "unset")

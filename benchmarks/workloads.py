@@ -15,6 +15,7 @@ import torch
 
 from qwenvl import QwenVLConfig, QwenVLForConditionalGeneration
 from qwenvl.modeling_qwenvl import pack_linear_weights_for_cpu
+from qwenvl.train.precision import MIN_BF16_SPEEDUP
 
 from .timing import measure
 
@@ -47,7 +48,22 @@ SDPA_BF16 = Mode("sdpa-bf16", "sdpa", True, torch.bfloat16, True)
 # The optimized step with each block and the loss compiled: timed in the train section next to `optimized`.
 OPTIMIZED_COMPILED = Mode("optimized-compiled", "sdpa", True, torch.bfloat16, True, packed_weights=True,
                           compiled_training=True)
-MODES = {m.name: m for m in (OPTIMIZED, OPTIMIZED_COMPILED, REFERENCE, SDPA_FP32, SDPA_FP32_FUSED, SDPA_BF16)}
+# The same without bf16, for machines whose bf16 matmuls are slower than fp32 ones (an AVX2-only CPU has no bf16
+# kernels at all: ~70x slower). Packing is bf16-only.
+OPTIMIZED_FP32 = Mode("optimized-fp32", "sdpa", False, torch.float32, True)
+OPTIMIZED_FP32_COMPILED = Mode("optimized-fp32-compiled", "sdpa", False, torch.float32, True, compiled_training=True)
+MODES = {m.name: m for m in (OPTIMIZED, OPTIMIZED_COMPILED, OPTIMIZED_FP32, OPTIMIZED_FP32_COMPILED, REFERENCE,
+                             SDPA_FP32, SDPA_FP32_FUSED, SDPA_BF16)}
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def optimized_modes(precision: str, bf16_speedup: float) -> tuple[Mode, Mode]:
+    """The optimized mode and its compiled variant for this machine: bf16 where `precision` is "bf16", or "auto" and
+    bf16 matmuls measured at least `MIN_BF16_SPEEDUP` times as fast as fp32 ones; fp32 otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    bf16 = precision == "bf16" or (precision == "auto" and bf16_speedup >= MIN_BF16_SPEEDUP)
+    return (OPTIMIZED, OPTIMIZED_COMPILED) if bf16 else (OPTIMIZED_FP32, OPTIMIZED_FP32_COMPILED)
 
 
 def build_model(

@@ -815,6 +815,18 @@ def _packed_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight, self.bias)  # training, another dtype, or weights changed since packing
 
 
+def _cpu_can_pack_bf16_linear() -> bool:
+    ops = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise")):
+        return False
+    try:
+        ops._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), 1)
+    except RuntimeError:  # "bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq"
+        return False
+    return True
+
+
 def pack_linear_weights_for_cpu(model: nn.Module) -> int:
     """Keep a copy of every bf16 `nn.Linear` weight in oneDNN's blocked layout, for CPU inference (e.g. generation).
 
@@ -822,11 +834,10 @@ def pack_linear_weights_for_cpu(model: nn.Module) -> int:
     about as much as the product itself; packed, a decode step is ~25 % faster (benchmarks/RESULTS.md), with identical
     outputs. Costs one extra copy of those weights. Calls with gradients enabled, in another dtype, or after the
     weight changed (loading, `.to()`, training) use the plain weight. Returns the number of layers packed (0 where
-    this torch build has no oneDNN).
+    this torch build has no oneDNN, or this CPU no bf16 kernels for it: oneDNN's bf16 path needs AVX-512 or
+    AVX-NE-CONVERT, which an AVX2-only CPU lacks; the model is then left unchanged).
     """
-    ops = torch.ops.mkldnn
-    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
-            and hasattr(ops, "_linear_pointwise")):
+    if not _cpu_can_pack_bf16_linear():
         return 0
     packed = 0
     for module in model.modules():

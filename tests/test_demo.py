@@ -106,7 +106,7 @@ def test_stage_two_trains_in_its_recipes_precision_in_both_phases(demo_dir, tmp_
     demo = demo_module.Demo(tmp_path, quick=True)
     for stage in ("data", "pretrain"):
         (tmp_path / stage).symlink_to(demo_dir / stage)
-    demo.recipe["sft"].update(bf16=True, compile=True)
+    demo.recipe["sft"].update(bf16=True, compile=True)  # forced, whatever this machine's bf16 speed
     assert demo.precision() == "fp32, stage 2 in bf16 autocast with regional torch.compile"
     compiled, autocast = [], []
     monkeypatch.setattr(qwenvl.train, "compile_regions", lambda model: compiled.append(type(model).__name__))
@@ -116,6 +116,36 @@ def test_stage_two_trains_in_its_recipes_precision_in_both_phases(demo_dir, tmp_
     record = demo.stage_sft()
     assert compiled == ["QwenVLForConditionalGeneration"] * 2 and autocast == [True, True]  # multi-task, then REC
     assert record["metrics"]["rec"]["n"] > 0 and (tmp_path / "sft" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("speedup", [0.012, 6.5])  # an AVX2-only CPU (no bf16 kernels), an AMX Xeon
+def test_stage_two_uses_bf16_where_the_machine_runs_it_faster(tmp_path, monkeypatch, speedup):
+    import qwenvl.demo as demo_module
+    import qwenvl.train.precision as precision
+
+    monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda device="cpu": speedup)
+    monkeypatch.setattr(demo_module, "bf16_matmul_speedup", precision.bf16_matmul_speedup)
+    demo = demo_module.Demo(tmp_path)
+    assert json.loads(demo_module.CONFIG_PATH.read_text())["full"]["sft"]["bf16"] == "auto"
+    fast = speedup > 1
+
+    assert demo.trains_in_bf16(demo.recipe["sft"]) is fast
+    assert demo.trains_in_bf16({**demo.recipe["sft"]["focus"], "bf16": "auto"}) is fast
+    assert demo.trains_in_bf16(demo.recipe["reward"]) is False  # other stages: fp32 unless --bf16
+    expected = "in bf16 autocast with regional torch.compile" if fast else "with regional torch.compile"
+    assert demo.precision().startswith(f"fp32, stage 2 {expected} (")
+    assert f"bf16 {'used' if fast else 'not used'}: bf16 matmuls run {speedup:.2f}x as fast as fp32" in demo.precision()
+    with pytest.raises(ValueError, match="bf16 must be true, false or \"auto\""):
+        demo.trains_in_bf16({"bf16": "yes"})
+
+
+def test_forcing_bf16_on_a_machine_without_fast_bf16_warns(tmp_path, monkeypatch, capsys):
+    import qwenvl.demo as demo_module
+
+    monkeypatch.setattr(demo_module, "bf16_pays_off", lambda device="cpu": False)
+    monkeypatch.setattr(demo_module, "bf16_matmul_speedup", lambda device="cpu": 0.01)
+    demo_module.Demo(tmp_path, bf16=True)
+    assert "bf16 matmuls run at 0.01x the speed of fp32 ones" in capsys.readouterr().out
 
 
 def test_final_checkpoint_is_hub_ready_and_chats(demo_dir, tmp_path):
