@@ -81,6 +81,11 @@ def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
             default = g["b1_default_wait"]
             out.append(("decode tokens/s, batch 1, libgomp default waiting", _fmt(default["decode_tokens_per_s"]), "",
                         f"step {g['b1_default_wait_step_over_floor']:.2f}x floor", _noise(default["generate"])))
+        if "b1_compiled" in g:
+            compiled = g["b1_compiled"]
+            out.append(("decode tokens/s, batch 1, compiled steps, static cache (default waiting)",
+                        _fmt(compiled["decode_tokens_per_s"]), "",
+                        f"step {g['b1_compiled_step_over_floor']:.2f}x floor", _noise(compiled["generate"])))
         out.append(("decode b1 with cache, fp32 eager", "", _fmt(cached["decode_tokens_per_s"]),
                     f"cache alone {g['kv_cache_speedup_b1_same_precision']:.1f}x", _noise(cached["generate"])))
         for key, result in g["optimized"].items():
@@ -128,16 +133,19 @@ def ablation_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
         steps += ([("+ fused AdamW", train["sdpa-fp32-fused-adamw"]),
                    ("+ bf16 autocast (= optimized)", train["optimized"])] if bf16 else
                   [("+ fused AdamW (= optimized)", train["optimized"])])
-        chains.append(("train tok/s", steps, lambda r: (r["tokens_per_s"], r["tokens_per_s"] * r["timing"]["median_s"] / r["timing"]["cpu_s"]),
-            lambda r: r["timing"]))
+        chains.append(("train tok/s", steps,
+                       lambda r: (r["tokens_per_s"], r["tokens_per_s"] * r["timing"]["median_s"] / r["timing"]["cpu_s"]),
+                       lambda r: r["timing"]))
     if "generation" in results:
         gen = results["generation"]
         steps = [("reference: eager, fp32, no cache", gen["reference"]["b1_no_cache"]),
                  ("+ KV cache", gen["reference"]["b1_cache"])]
-        steps += ([("+ SDPA", ablation["decode_b1"]["sdpa-fp32"]), ("+ bf16 weights", ablation["decode_b1"]["sdpa-bf16"]),
+        steps += ([("+ SDPA", ablation["decode_b1"]["sdpa-fp32"]),
+                   ("+ bf16 weights", ablation["decode_b1"]["sdpa-bf16"]),
                    ("+ packed weights (= optimized)", gen["optimized"]["b1"])] if bf16 else
                   [("+ SDPA (= optimized)", gen["optimized"]["b1"])])
-        chains.append(("decode b1 tok/s", steps, lambda r: (r["decode_tokens_per_s"], r["decode_tokens_per_cpu_s"]), lambda r: r["generate"]))
+        chains.append(("decode b1 tok/s", steps, lambda r: (r["decode_tokens_per_s"], r["decode_tokens_per_cpu_s"]),
+                       lambda r: r["generate"]))
     out = []
     for title, steps, rates, timing in chains:
         previous = None
@@ -173,8 +181,9 @@ def format_table(results: dict) -> str:
                               ablation_rows(results)), ""]
     if "accuracy" in results:
         accuracy = results["accuracy"]
-        lines.append("bf16 vs fp32 on the same weights: " + (f"not measured: {accuracy['skipped']}" if "skipped" in accuracy
-                     else ", ".join(f"{k} {v:.4g}" for k, v in accuracy.items())))
+        measured = ", ".join(f"{k} {v:.4g}" for k, v in accuracy.items() if k != "skipped")
+        lines.append("bf16 vs fp32 on the same weights: "
+                     + (f"not measured: {accuracy['skipped']}" if "skipped" in accuracy else measured))
     for t in results.get("targets", []):
         extra = f"; {t['value_cpu_time']} per CPU-s" if "value_cpu_time" in t else ""
         lines.append(f"target {'MET    ' if t['met'] else 'NOT MET'} {t['target']}: {t['value']}{extra} "

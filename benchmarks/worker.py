@@ -81,12 +81,15 @@ def memory_job(spec: dict) -> dict:
 
 
 def decode_job(spec: dict) -> dict:
-    """`decode_rates` of `spec["mode"]` at batch `spec["batch"]`, under this process's OpenMP environment."""
+    """`decode_rates` of `spec["mode"]` at batch `spec["batch"]` (`spec["compiled"]`: static cache, compiled decode
+    steps), under this process's OpenMP environment."""
     gen = spec["generate"]
     model = inference_model(build_model(spec["model"], seed=spec.get("seed", 0)), MODES[spec["mode"]])
     prompt = prompt_batch(model.config, spec["batch"], gen["prompt_text_tokens"])
-    result = decode_rates(model, prompt, gen["new_tokens"], use_cache=True, repeats=gen["repeats"])
+    compiled = spec.get("compiled", False)
+    result = decode_rates(model, prompt, gen["new_tokens"], use_cache=True, repeats=gen["repeats"], compiled=compiled)
     result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "unset")
+    result["compiled"] = compiled
     return result
 
 

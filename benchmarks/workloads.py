@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from qwenvl import QwenVLConfig, QwenVLForConditionalGeneration
+from qwenvl.inference import compiled_decode_config
 from qwenvl.modeling_qwenvl import pack_linear_weights_for_cpu
 from qwenvl.train.precision import MIN_BF16_SPEEDUP
 
@@ -185,12 +186,16 @@ def inference_model(model: QwenVLForConditionalGeneration, mode: Mode) -> QwenVL
     return model
 
 
-def generate_fn(model: QwenVLForConditionalGeneration, prompt: dict, new_tokens: int, use_cache: bool) -> Callable:
-    """Greedy `generate` producing exactly `new_tokens` tokens (random weights never stop early)."""
+def generate_fn(model: QwenVLForConditionalGeneration, prompt: dict, new_tokens: int, use_cache: bool,
+                compiled: bool = False) -> Callable:
+    """Greedy `generate` producing exactly `new_tokens` tokens (random weights never stop early); `compiled`: with a
+    static cache and compiled decode steps (`qwenvl.inference.compiled_decode_config`)."""
     dtype = next(model.parameters()).dtype
     inputs = {**prompt, "pixel_values": prompt["pixel_values"].to(dtype)}
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache,
                   pad_token_id=model.config.pad_token_id, eos_token_id=model.config.eos_token_id)
+    if compiled:
+        kwargs.update(cache_implementation="static", compile_config=compiled_decode_config())
 
     @torch.inference_mode()
     def run() -> torch.Tensor:
@@ -199,11 +204,12 @@ def generate_fn(model: QwenVLForConditionalGeneration, prompt: dict, new_tokens:
     return run
 
 
-def decode_rates(model, prompt: dict, new_tokens: int, use_cache: bool, repeats: int) -> dict:
-    """Prefill time (a 1-token generate) and decode rate from a `new_tokens` generate: (N-1)·B / (t_N - t_1)."""
-    generate_fn(model, prompt, 2, use_cache)()  # warm-up: first-call allocations and kernel selection
-    t1 = measure(generate_fn(model, prompt, 1, use_cache), repeats=repeats, warmup=0)
-    tn = measure(generate_fn(model, prompt, new_tokens, use_cache), repeats=repeats, warmup=0)
+def decode_rates(model, prompt: dict, new_tokens: int, use_cache: bool, repeats: int, compiled: bool = False) -> dict:
+    """Prefill time (a 1-token generate) and decode rate from a `new_tokens` generate: (N-1)·B / (t_N - t_1).
+    `compiled` (static cache, compiled decode steps) warms up at full length: it compiles once per cache length."""
+    generate_fn(model, prompt, new_tokens if compiled else 2, use_cache, compiled)()  # warm-up (and compile)
+    t1 = measure(generate_fn(model, prompt, 1, use_cache, compiled), repeats=repeats, warmup=0)
+    tn = measure(generate_fn(model, prompt, new_tokens, use_cache, compiled), repeats=repeats, warmup=0)
     batch, prompt_len = prompt["input_ids"].shape
     step_s = max(tn.median_s - t1.median_s, 1e-9) / (new_tokens - 1)
     step_cpu_s = max(tn.cpu_s - t1.cpu_s, 1e-9) / (new_tokens - 1)

@@ -524,7 +524,9 @@ class QwenVLModel(QwenVLPreTrainedModel):
         """LogN attention scaling of the release: queries past `seq_length` are scaled by log(p)/log(seq_length)."""
         if self.training or not self.config.use_logn_attn:
             return None
-        if int(position_ids.max()) + 1 <= self.config.seq_length:
+        # Eager calls skip the scaling inside the trained context; a compiled decode step cannot read the positions
+        # without a graph break, and computes the (then all-ones) scale instead.
+        if not torch.compiler.is_compiling() and int(position_ids.max()) + 1 <= self.config.seq_length:
             return None
         positions = (position_ids + 1).float()
         scale = torch.log(positions) / math.log(self.config.seq_length)
@@ -557,6 +559,9 @@ class QwenVLModel(QwenVLPreTrainedModel):
         if use_cache and cache is None and not self.training:
             cache = DynamicCache(config=self.config)
         past_seen = cache.get_seq_length() if cache is not None else 0
+        # A compiled forward is a decode step (`generate` compiles only those, prefill runs eagerly): the prefill-only
+        # checks below read tensor values, which would break the graph.
+        first_forward = not torch.compiler.is_compiling() and past_seen == 0
 
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
@@ -564,7 +569,7 @@ class QwenVLModel(QwenVLPreTrainedModel):
                 image_features = self.get_image_features(pixel_values)
             if image_features is not None:
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
-            elif past_seen == 0 and bool((input_ids == self.config.image_token_id).any()):
+            elif first_forward and bool((input_ids == self.config.image_token_id).any()):
                 raise ValueError(
                     f"{IMAGE_MISMATCH}: input_ids hold image placeholder tokens but no pixel_values were given"
                 )
@@ -575,8 +580,8 @@ class QwenVLModel(QwenVLPreTrainedModel):
         length = hidden_states.shape[1]
         if position_ids is None:
             position_ids = self._position_ids(attention_mask, past_seen, length, hidden_states.device)
-        if past_seen == 0 and not self.training:
-            self.rotary_emb.update_ntk_alpha(past_seen + length)
+        if first_forward and not self.training:
+            self.rotary_emb.update_ntk_alpha(length)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         causal_mask = create_causal_mask(
             config=self.config,

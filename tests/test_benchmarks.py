@@ -329,6 +329,10 @@ def test_tiny_run_writes_every_figure_of_the_issue(tmp_path):
         g["optimized"]["b1"]["decode_tokens_per_s"] / g["reference"]["b1_no_cache"]["decode_tokens_per_s"])
     # ... and batch 1 again in a fresh process without OMP_WAIT_POLICY (the run itself sets PASSIVE).
     assert g["b1_default_wait"]["omp_wait_policy"] == "unset"
+    # ... and with compiled decode steps over a static cache.
+    assert g["b1_compiled"]["compiled"] is True and g["b1_default_wait"]["compiled"] is False
+    assert g["b1_compiled_step_over_floor"] == pytest.approx(g["b1_compiled"]["decode_step_s"] / g["floor_step_s"])
+    assert "decode tokens/s, batch 1, compiled steps, static cache" in proc.stdout
     assert r["machine"]["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     assert g["b1_default_wait_step_over_floor"] == pytest.approx(
         g["b1_default_wait"]["decode_step_s"] / g["floor_step_s"])
@@ -345,7 +349,7 @@ def test_tiny_run_writes_every_figure_of_the_issue(tmp_path):
 
     # The ablation chain and the verdicts, all in the printed table too.
     assert set(r["ablation"]["train"]) == {"sdpa-fp32", "sdpa-fp32-fused-adamw"}
-    assert len(r["targets"]) == 7 and all(isinstance(t["met"], bool) for t in r["targets"])
+    assert len(r["targets"]) == 8 and all(isinstance(t["met"], bool) for t in r["targets"])
     assert proc.stdout.startswith(format_table(r).splitlines()[0])
     assert "+ bf16 autocast (= optimized)" in proc.stdout
 
