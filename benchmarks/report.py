@@ -171,6 +171,13 @@ def format_table(results: dict) -> str:
         f"load average {machine['load_average_at_start']} -> {machine.get('load_average_at_end')}",
         *_table(("figure", "optimized", "reference", "ratio", "noise: optimized | reference"), rows(results)),
     ]
+    if "ceilings_end" in results:
+        start, end = results["ceilings_start"], results["ceilings_end"]
+        lines.insert(1, "ceilings at the start | end of the run (the better one is used): " + ", ".join(
+            f"{label} {start[key][rate] / 1e9:,.4g} | {end[key][rate] / 1e9:,.4g} {unit}"
+            for label, key, rate, unit in (("fp32 matmul", "matmul_fp32", "flops_per_s", "GFLOP/s"),
+                                           ("bf16 matmul", "matmul_bf16", "flops_per_s", "GFLOP/s"),
+                                           ("copy", "bandwidth", "bytes_per_s", "GB/s"))))
     if "optimized_mode" in results:
         mode = results["optimized_mode"]
         lines.insert(1, f"optimized mode: {mode['name']} (train {mode['train_dtype']}, inference "

@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks import flops  # noqa: E402
 from benchmarks.report import format_table  # noqa: E402
-from benchmarks.suite import evaluate_targets, load_config  # noqa: E402
+from benchmarks.suite import best_ceilings, evaluate_targets, load_config  # noqa: E402
 from benchmarks.timing import RssPeak, measure  # noqa: E402
 from benchmarks.workloads import (  # noqa: E402
     REFERENCE,
@@ -250,6 +250,17 @@ def test_targets_are_judged_against_the_issue_thresholds():
     # Where the optimized mode runs fp32 (no fast bf16 on the machine) the step is judged against the fp32 ceiling.
     results = {"train": {"optimized": {**results["train"]["optimized"], "ceiling_dtype": "float32"}}}
     assert [t["target"] for t in evaluate_targets(results)] == ["training step model FLOP/s vs fp32 matmul ceiling"]
+
+
+def test_each_ceiling_is_the_better_of_the_start_and_end_measurements():
+    start = {"matmul_fp32": {"flops_per_s": 82e9}, "matmul_bf16": {"flops_per_s": 2e9},
+             "bandwidth": {"bytes_per_s": 30e9}}
+    end = {"matmul_fp32": {"flops_per_s": 140e9}, "matmul_bf16": {"flops_per_s": 1e9},
+           "bandwidth": {"bytes_per_s": 30e9}}
+    best = best_ceilings(start, end)
+    assert best["matmul_fp32"] == {"flops_per_s": 140e9, "measured": "end"}  # the host was slow at the start
+    assert best["matmul_bf16"] == {"flops_per_s": 2e9, "measured": "start"}
+    assert best["bandwidth"]["measured"] == "start"  # a tie keeps the first
 
 
 @pytest.mark.parametrize(("precision", "speedup", "expected"), [
