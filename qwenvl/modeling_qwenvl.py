@@ -525,7 +525,7 @@ class QwenVLModel(QwenVLPreTrainedModel):
         if self.training or not self.config.use_logn_attn:
             return None
         # Eager calls skip the scaling inside the trained context; a compiled decode step cannot read the positions
-        # without a graph break, and computes the (then all-ones) scale instead.
+        # without a graph break, and computes the scale (all ones inside that context) instead.
         if not torch.compiler.is_compiling() and int(position_ids.max()) + 1 <= self.config.seq_length:
             return None
         positions = (position_ids + 1).float()
