@@ -78,12 +78,18 @@ def run_worker(spec: dict, env: dict | None = None, unset: tuple[str, ...] = ())
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def _ceiling(ceilings: dict, dtype: torch.dtype, per: str = "s") -> float:
-    """The matmul ceiling in `dtype`, in FLOP per wall second (`per="s"`) or per CPU second (`per="cpu_s"`)."""
-    return ceilings["matmul_bf16" if dtype == torch.bfloat16 else "matmul_fp32"][f"flops_per_{per}"]
+def _dtype_name(dtype: torch.dtype) -> str:
+    """How results name a dtype ("bfloat16", "float32"): JSON-able, and the key `_ceiling` reads."""
+    return str(dtype).removeprefix("torch.")
 
 
-def _fractions(work: float, timing: dict, ceilings: dict, dtype: torch.dtype) -> dict:
+def _ceiling(ceilings: dict, dtype: str, per: str = "s") -> float:
+    """The matmul ceiling in `dtype` (a `_dtype_name`), in FLOP per wall second (`per="s"`) or per CPU second
+    (`per="cpu_s"`)."""
+    return ceilings["matmul_bf16" if dtype == "bfloat16" else "matmul_fp32"][f"flops_per_{per}"]
+
+
+def _fractions(work: float, timing: dict, ceilings: dict, dtype: str) -> dict:
     """`work` FLOPs per call as a fraction of the ceiling: by wall clock, and per CPU second (contention-adjusted)."""
     return {
         "fraction_of_ceiling": work / timing["median_s"] / _ceiling(ceilings, dtype),
@@ -93,7 +99,7 @@ def _fractions(work: float, timing: dict, ceilings: dict, dtype: torch.dtype) ->
 
 def _train_job(config: dict, mode) -> dict:
     result = run_worker({"job": "train", "mode": mode.name, "model": config["model"], "train": config["train"]})
-    result["ceiling_dtype"] = str(mode.train_dtype).removeprefix("torch.")
+    result["ceiling_dtype"] = _dtype_name(mode.train_dtype)
     return result
 
 
@@ -130,7 +136,7 @@ def run_generation(config: dict, optimized: Mode) -> dict:
         prompt = prompt_batch(model.config, batch, gen["prompt_text_tokens"])
         result = decode_rates(model, prompt, gen["new_tokens"], use_cache=True, repeats=gen["repeats"])
         result["prefill_model_flops"] = flops.prefill_flops(shapes, batch, result["prompt_len"], images=batch)
-        result["ceiling_dtype"] = str(optimized.inference_dtype).removeprefix("torch.")
+        result["ceiling_dtype"] = _dtype_name(optimized.inference_dtype)
         out["optimized"][f"b{batch}"] = result
     b1 = out["optimized"]["b1"]
     out["weight_bytes_per_step"] = weight_bytes
@@ -179,7 +185,7 @@ def run_vision(config: dict, optimized: Mode) -> dict:
             "timing": timing.to_dict(),
             "images_per_s": vis["batch_size"] / timing.median_s,
             "model_flops": work,
-            "ceiling_dtype": str(mode.inference_dtype).removeprefix("torch."),
+            "ceiling_dtype": _dtype_name(mode.inference_dtype),
         }
         del model
         gc.collect()
@@ -276,8 +282,8 @@ def run_suite(config: dict, sections: tuple[str, ...] = DEFAULT_SECTIONS, log=pr
     speedup = ceilings["matmul_bf16"]["flops_per_s"] / ceilings["matmul_fp32"]["flops_per_s"]
     optimized, compiled = optimized_modes(precision, speedup)
     results["optimized_mode"] = {"name": optimized.name, "precision": precision, "bf16_matmul_speedup": speedup,
-                                 "train_dtype": str(optimized.train_dtype).removeprefix("torch."),
-                                 "inference_dtype": str(optimized.inference_dtype).removeprefix("torch.")}
+                                 "train_dtype": _dtype_name(optimized.train_dtype),
+                                 "inference_dtype": _dtype_name(optimized.inference_dtype)}
     log(f"[bench] optimized mode: {optimized.name} (bf16 matmuls {speedup:.3g}x fp32, precision {precision})")
     runners = {
         "train": lambda: run_train(config, optimized, compiled),
@@ -324,21 +330,18 @@ def derive_figures(results: dict) -> None:
     """Everything relative to a ceiling, computed once the run's best ceilings are known: fractions of the matmul
     ceiling (training, prefill, vision) and the decode weight-bandwidth floor."""
     ceilings = results["ceilings"]
-    dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32}
     for section in (results.get("train", {}), results.get("ablation", {}).get("train", {})):
         for result in section.values():
             if isinstance(result, dict) and "model_flops_per_step" in result:
                 result.update(_fractions(result["model_flops_per_step"], result["timing"], ceilings,
-                                         dtypes[result["ceiling_dtype"]]))
+                                         result["ceiling_dtype"]))
     for result in results.get("vision", {}).values():
         if isinstance(result, dict) and "model_flops" in result:
-            result.update(_fractions(result["model_flops"], result["timing"], ceilings,
-                                     dtypes[result["ceiling_dtype"]]))
+            result.update(_fractions(result["model_flops"], result["timing"], ceilings, result["ceiling_dtype"]))
     gen = results.get("generation")
     if gen:
         for result in gen["optimized"].values():
-            fractions = _fractions(result["prefill_model_flops"], result["prefill"], ceilings,
-                                   dtypes[result["ceiling_dtype"]])
+            fractions = _fractions(result["prefill_model_flops"], result["prefill"], ceilings, result["ceiling_dtype"])
             result.update({f"prefill_{k}": v for k, v in fractions.items()})
         floor_step_s = gen["weight_bytes_per_step"] / ceilings["bandwidth"]["bytes_per_s"]
         gen["floor_step_s"] = floor_step_s
