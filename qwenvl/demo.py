@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .train.precision import bf16_matmul_speedup, bf16_pays_off, resolve_bf16
+from .train.precision import bf16_matmul_speedup, resolve_bf16, slow_bf16_warning
 
 CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "demo.json"
 STAGES = ("data", "init", "vision", "pretrain", "sft", "reward", "ppo")
@@ -152,9 +152,9 @@ class Demo:
         # bf16=True: every stage under bf16 autocast. Otherwise stage 2's recipe decides (`bf16`, `compile`), the only
         # stage whose steps run faster that way (README, demo findings); the vision stage's run slower in bf16.
         self.bf16 = bool(bf16)
-        if self.bf16 and not bf16_pays_off(device):
-            _log(f"warning: --bf16 on a device whose bf16 matmuls run at {bf16_matmul_speedup(device):.2f}x the "
-                 "speed of fp32 ones: every stage will be slower than in fp32")
+        warning = slow_bf16_warning(device) if self.bf16 else None
+        if warning:
+            _log(f"warning: --bf16: {warning}")
         self.paths = DemoPaths(Path(out))
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.records: dict[str, dict] = {}
@@ -534,13 +534,13 @@ class Demo:
         if self.bf16:
             return "bf16 autocast"
         recipe = self.recipe["sft"]
-        ways = [way for way, used in (("in bf16 autocast", self.trains_in_bf16(recipe)),
+        bf16 = self.trains_in_bf16(recipe)
+        ways = [way for way, used in (("in bf16 autocast", bf16),
                                       ("with regional torch.compile", recipe.get("compile", False))) if used]
         summary = "fp32" + (f", stage 2 {' '.join(ways)}" if ways else "")
         if recipe.get("bf16") == "auto":
-            speedup = bf16_matmul_speedup(self.device)
-            summary += (f" (bf16 {'used' if self.trains_in_bf16(recipe) else 'not used'}: bf16 matmuls run "
-                        f"{speedup:.2f}x as fast as fp32 here)")
+            summary += (f" (bf16 {'used' if bf16 else 'not used'}: bf16 matmuls run "
+                        f"{bf16_matmul_speedup(self.device):.2f}x as fast as fp32 here)")
         return summary
 
 

@@ -141,9 +141,9 @@ def test_stage_two_uses_bf16_where_the_machine_runs_it_faster(tmp_path, monkeypa
 
 def test_forcing_bf16_on_a_machine_without_fast_bf16_warns(tmp_path, monkeypatch, capsys):
     import qwenvl.demo as demo_module
+    import qwenvl.train.precision as precision
 
-    monkeypatch.setattr(demo_module, "bf16_pays_off", lambda device="cpu": False)
-    monkeypatch.setattr(demo_module, "bf16_matmul_speedup", lambda device="cpu": 0.01)
+    monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda device="cpu": 0.01)
     demo_module.Demo(tmp_path, bf16=True)
     assert "bf16 matmuls run at 0.01x the speed of fp32 ones" in capsys.readouterr().out
 

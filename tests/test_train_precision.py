@@ -34,8 +34,7 @@ def test_a_recipe_value_other_than_true_false_or_auto_is_refused():
 
 @pytest.mark.parametrize("pays", [False, True])
 def test_training_with_bf16_on_a_cpu_without_bf16_kernels_warns(monkeypatch, caplog, tmp_path, pays):
-    monkeypatch.setattr(recipe, "bf16_pays_off", lambda device="cpu": pays)
-    monkeypatch.setattr(recipe, "bf16_matmul_speedup", lambda device="cpu": 6.5 if pays else 0.012)
+    monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda device="cpu": 6.5 if pays else 0.012)
     args = TrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True, report_to=[])
     with caplog.at_level(logging.WARNING, logger=recipe.logger.name):
         recipe.prepare_training_arguments(args)

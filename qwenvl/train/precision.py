@@ -54,6 +54,14 @@ def bf16_pays_off(device: str | torch.device = "cpu", min_speedup: float = MIN_B
     return bf16_matmul_speedup(device) >= min_speedup
 
 
+def slow_bf16_warning(device: str | torch.device = "cpu") -> str | None:
+    """What to tell someone who asked for bf16 on `device` where it does not pay off; None where it does."""
+    if bf16_pays_off(device):
+        return None
+    return (f"bf16 matmuls run at {bf16_matmul_speedup(device):.2g}x the speed of fp32 ones on this {device} (no "
+            "bf16 kernels: e.g. AVX2 without AVX-512): training in bf16 will be slower than in fp32")
+
+
 def resolve_bf16(setting: bool | str, device: str | torch.device = "cpu") -> bool:
     """A recipe's `bf16` value: `True`/`False` as given, `"auto"` where `bf16_pays_off(device)`."""
     if isinstance(setting, bool):

@@ -28,7 +28,7 @@ from .collator import LABEL_MODES, QwenVLDataCollator
 from .compile import compile_regions
 from .data import caption_to_prompt_completion, load_rows, prepare_dataset
 from .lora import lora_config, qlora_quantization_config
-from .precision import bf16_matmul_speedup, bf16_pays_off
+from .precision import slow_bf16_warning
 from .stages import STAGES, ParameterTable, apply_stage, parameter_table
 
 __all__ = [
@@ -126,10 +126,9 @@ def prepare_training_arguments(training_args: TrainingArguments) -> TrainingArgu
     if training_args.ddp_find_unused_parameters is None:
         training_args.ddp_find_unused_parameters = True
     on_cpu = training_args.use_cpu or not torch.cuda.is_available()
-    if training_args.bf16 and on_cpu and not bf16_pays_off("cpu"):
-        logger.warning(
-            "--bf16 on a CPU whose bf16 matmuls run at %.2gx the speed of fp32 ones (no bf16 kernels: AVX2 without "
-            "AVX-512): training will be much slower than in fp32", bf16_matmul_speedup("cpu"))
+    warning = slow_bf16_warning("cpu") if training_args.bf16 and on_cpu else None
+    if warning:
+        logger.warning("--bf16: %s", warning)
     return training_args
 
 
