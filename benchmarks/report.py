@@ -118,6 +118,17 @@ def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
                     _fmt(on["peak_rss_mib"]), _fmt(off["peak_rss_mib"]), _fmt(m["peak_rss_ratio"], "x"), ""))
         out.append(("train step memory over resident state MiB, on | off", _fmt(on["step_increase_mib"]),
                     _fmt(off["step_increase_mib"]), _fmt(m["step_increase_ratio"], "x"), ""))
+        if "chunked_loss" in m:
+            c = m["chunked_loss"]
+            on, off = c["checkpointing"], c["no_checkpointing"]
+            out.append(("  chunked loss: train peak RSS MiB, checkpointing on | off", _fmt(on["peak_rss_mib"]),
+                        _fmt(off["peak_rss_mib"]), _fmt(c["peak_rss_ratio"], "x"), ""))
+            out.append(("  chunked loss: step memory over resident state MiB, on | off",
+                        _fmt(on["step_increase_mib"]), _fmt(off["step_increase_mib"]),
+                        _fmt(c["step_increase_ratio"], "x"), ""))
+            out.append(("train peak RSS MiB, checkpointing + chunked loss | neither", _fmt(on["peak_rss_mib"]),
+                        _fmt(m["no_checkpointing"]["peak_rss_mib"]),
+                        _fmt(m["both_over_neither_peak_rss_ratio"], "x"), ""))
     return out
 
 

@@ -36,7 +36,8 @@ def _setup(spec: dict) -> tuple[TrainStep, dict, int]:
     model = build_model(spec["model"], seed=spec.get("seed", 0))
     train = spec["train"]
     batch = train_batch(model.config, train["batch_size"], train["seq_len"], train["images_per_sample"])
-    step = TrainStep(model, MODES[spec["mode"]], batch, checkpointing=spec.get("checkpointing", False))
+    step = TrainStep(model, MODES[spec["mode"]], batch, checkpointing=spec.get("checkpointing", False),
+                     chunked_loss=spec.get("chunked_loss", False))
     return step, batch, rss_runtime
 
 
@@ -73,6 +74,7 @@ def memory_job(spec: dict) -> dict:
         step()
     return {
         "checkpointing": spec.get("checkpointing", False),
+        "chunked_loss": spec.get("chunked_loss", False),
         "rss_before_step_mib": probe.start_bytes / MIB,
         "peak_rss_mib": probe.peak_bytes / MIB,
         "step_increase_mib": probe.increase_bytes / MIB,

@@ -147,11 +147,14 @@ class TrainStep:
     the fused AdamW kernel that `Trainer` picks by default; `reference` is fp32 with the per-parameter AdamW loop.
     """
 
-    def __init__(self, model: QwenVLForConditionalGeneration, mode: Mode, batch: dict, checkpointing: bool = False):
+    def __init__(self, model: QwenVLForConditionalGeneration, mode: Mode, batch: dict, checkpointing: bool = False,
+                 chunked_loss: bool = False):
         model.set_attn_implementation(mode.attn_implementation)
         freeze_for_sft(model)
         if checkpointing:
             model.activation_checkpointing_enable()
+        if chunked_loss:
+            model.enable_chunked_loss()
         if mode.compiled_training:
             from qwenvl.train import compile_regions
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -111,6 +112,52 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
 
     grid_w, grid_h = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32))
     return np.concatenate([encode_1d(embed_dim // 2, grid_w), encode_1d(embed_dim // 2, grid_h)], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Language-model loss without the full logits
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _summed_token_loss(lm_head: nn.Module, hidden_states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(lm_head(hidden_states).float(), targets, reduction="sum")
+
+
+def chunked_causal_lm_loss(
+    lm_head: nn.Module,
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor | None,
+    chunk_size: int,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The causal LM loss of `lm_head(hidden_states)` (same value as transformers' `ForCausalLMLoss`) computed without
+    the (batch, length, vocab) logits.
+
+    Only positions with a label go through the head (prompts and image tokens carry none in SFT), `chunk_size` of them
+    at a time, and each chunk's fp32 logits are recomputed in backward instead of kept. At the release's vocabulary of
+    151,936 tokens the full logits of one 2,048-token sample take 1.2 GB in fp32, and their gradient as much again.
+    """
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    shift_labels = shift_labels.to(hidden_states.device)
+    has_label = shift_labels != ignore_index
+    hidden_states, targets = hidden_states[has_label], shift_labels[has_label]
+    chunk_losses = [
+        torch.utils.checkpoint.checkpoint(
+            _summed_token_loss, lm_head, hidden_states[start : start + chunk_size],
+            targets[start : start + chunk_size], use_reentrant=False,
+        )
+        for start in range(0, targets.numel(), chunk_size)
+    ]
+    # With no labelled position there is still a graph to call backward on (as with the full logits).
+    total = torch.stack(chunk_losses).sum() if chunk_losses else hidden_states.sum() * 0.0
+    if num_items_in_batch is None:
+        return total / has_label.sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -610,10 +657,29 @@ class QwenVLForConditionalGeneration(QwenVLChatMixin, QwenVLPreTrainedModel, Gen
         self.transformer = QwenVLModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.loss_type = "ForCausalLM"
+        self.loss_chunk_size: int | None = None
         self.post_init()
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.transformer.get_image_features(pixel_values)
+
+    def enable_chunked_loss(self, chunk_size: int | None = None) -> None:
+        """Train without the (batch, length, vocab) logits (`chunked_causal_lm_loss`).
+
+        In training mode, a forward with `labels` then returns the same loss and gradients but `logits=None`: the
+        head runs only on labelled positions, `chunk_size` at a time (default: as many as make ~32 M logits), each
+        chunk recomputed in backward. Evaluation and generation are unchanged. Costs one more head matmul per labelled
+        position; saves the logits' fp32 copies, which at the release's 151,936-token vocabulary outweigh a 7 B
+        model's per-token activations under gradient checkpointing.
+        """
+        if chunk_size is None:
+            chunk_size = max(1, 2**25 // self.config.vocab_size)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+        self.loss_chunk_size = chunk_size
+
+    def disable_chunked_loss(self) -> None:
+        self.loss_chunk_size = None
 
     @can_return_tuple
     def forward(
@@ -642,6 +708,14 @@ class QwenVLForConditionalGeneration(QwenVLChatMixin, QwenVLPreTrainedModel, Gen
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        if self.loss_chunk_size and self.training and labels is not None:
+            loss = chunked_causal_lm_loss(
+                self.lm_head, hidden_states, labels, self.loss_chunk_size,
+                num_items_in_batch=kwargs.get("num_items_in_batch"), shift_labels=kwargs.get("shift_labels"),
+            )
+            return CausalLMOutputWithPast(
+                loss=loss, cache=outputs.cache, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+            )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None

@@ -233,7 +233,7 @@ def test_targets_are_judged_against_the_issue_thresholds():
                                          "ceiling_dtype": "bfloat16"}},
         "generation": {"b1_step_over_floor": 2.5, "b1_default_wait_step_over_floor": 1.9, "kv_cache_speedup_b1": 7.0,
                        "kv_cache_speedup_b1_cpu_time": 6.0, "optimized": {"b1": {"new_tokens": 128}}},
-        "memory": {"step_increase_ratio": 0.4, "peak_rss_ratio": 0.8},
+        "memory": {"step_increase_ratio": 0.4, "peak_rss_ratio": 0.8, "chunked_loss": {"peak_rss_ratio": 0.5}},
     }
 
     verdicts = {t["target"]: t["met"] for t in evaluate_targets(results)}
@@ -246,6 +246,7 @@ def test_targets_are_judged_against_the_issue_thresholds():
         "KV-cache decode vs no-cache reference (b1, 128 new tokens)": True,
         "checkpointing: step memory (peak over resident state) ratio": True,
         "checkpointing: whole-process peak RSS ratio": False,
+        "checkpointing: whole-process peak RSS ratio, chunked loss in both runs": True,
     }
     # Where the optimized mode runs fp32 (no fast bf16 on the machine) the step is judged against the fp32 ceiling.
     results = {"train": {"optimized": {**results["train"]["optimized"], "ceiling_dtype": "float32"}}}
@@ -355,12 +356,19 @@ def test_tiny_run_writes_every_figure_of_the_issue(tmp_path):
     assert m["checkpointing"]["checkpointing"] is True and m["no_checkpointing"]["checkpointing"] is False
     on, off = m["checkpointing"], m["no_checkpointing"]
     assert m["peak_rss_ratio"] == pytest.approx(on["peak_rss_mib"] / off["peak_rss_mib"])
+    # ... and again with the chunked loss in both runs.
+    c = m["chunked_loss"]
+    assert c["checkpointing"]["chunked_loss"] is True and c["no_checkpointing"]["chunked_loss"] is True
+    assert c["checkpointing"]["checkpointing"] is True and c["no_checkpointing"]["checkpointing"] is False
+    both = c["checkpointing"]["peak_rss_mib"] / off["peak_rss_mib"]
+    assert m["both_over_neither_peak_rss_ratio"] == pytest.approx(both)
+    assert "chunked loss: train peak RSS MiB, checkpointing on | off" in proc.stdout
     assert 0 < r["accuracy"]["train_loss_rel_diff"] < 1e-2 and r["accuracy"]["train_grad_cosine"] > 0.99
     assert r["accuracy"]["prefill_logits_rel_err"] < 0.05
 
     # The ablation chain and the verdicts, all in the printed table too.
     assert set(r["ablation"]["train"]) == {"sdpa-fp32", "sdpa-fp32-fused-adamw"}
-    assert len(r["targets"]) == 8 and all(isinstance(t["met"], bool) for t in r["targets"])
+    assert len(r["targets"]) == 9 and all(isinstance(t["met"], bool) for t in r["targets"])
     assert proc.stdout.startswith(format_table(r).splitlines()[0])
     assert "+ bf16 autocast (= optimized)" in proc.stdout
 

@@ -88,11 +88,14 @@ class GradientRecorder(TrainerCallback):
         self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
 
 
-def one_step(tmp_path, batch_size: int, accumulation: int) -> tuple[float, dict[str, torch.Tensor]]:
+def one_step(tmp_path, batch_size: int, accumulation: int, chunked_loss: bool = False
+             ) -> tuple[float, dict[str, torch.Tensor]]:
     model, processor = build_tiny_model_and_processor(seed=0)
     apply_stage(model, "multitask", verbose=False)
+    if chunked_loss:
+        model.enable_chunked_loss(chunk_size=7)
     recorder = GradientRecorder()
-    args = training_args(tmp_path / f"b{batch_size}", per_device_train_batch_size=batch_size,
+    args = training_args(tmp_path / f"b{batch_size}-{chunked_loss}", per_device_train_batch_size=batch_size,
                          gradient_accumulation_steps=accumulation, max_steps=1, train_sampling_strategy="sequential",
                          max_grad_norm=0.0)
     trainer = QwenVLTrainer(model=model, args=args, train_dataset=MIXED, data_collator=QwenVLDataCollator(processor),
@@ -119,6 +122,17 @@ def test_four_accumulation_steps_of_batch_2_equal_one_batch_of_8(tmp_path):
         full = model(**collator(MIXED)).loss
     assert float(full) == pytest.approx(loss_full, rel=1e-5)
     assert abs(float(torch.stack(micro).mean()) - float(full)) > 1e-3
+
+
+def test_the_chunked_loss_trains_as_the_full_logits_do_under_gradient_accumulation(tmp_path):
+    # Trainer passes `num_items_in_batch`; the chunked loss must normalise by it exactly as the full-logits loss does.
+    loss_chunked, grads_chunked = one_step(tmp_path, batch_size=2, accumulation=4, chunked_loss=True)
+    loss_full, grads_full = one_step(tmp_path, batch_size=8, accumulation=1)
+
+    assert loss_chunked == pytest.approx(loss_full, rel=1e-5)
+    assert grads_chunked.keys() == grads_full.keys()
+    for name in grads_full:
+        torch.testing.assert_close(grads_chunked[name], grads_full[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.fixture
