@@ -14,11 +14,14 @@ _TASK_NAMES = {"rec": "REC", "vqa": "VQA", "grounded_caption": "grounded caption
 
 
 def stage_label(stage: str, records: dict) -> str:
-    """A stage's row label; stage 2 names its focus phase's tasks when it had one (`Demo.stage_sft`)."""
+    """A stage's row label; stage 2 names its focus phase's tasks and its refresh phase when it had them
+    (`Demo.stage_sft`)."""
     label = dict(EVAL_STAGES)[stage]
-    focus = records.get(stage, {}).get("focus") if stage == "sft" else None
-    if focus:
-        label += ", then " + " + ".join(_TASK_NAMES.get(task, task) for task in focus["tasks"]) + " only"
+    record = records.get(stage, {}) if stage == "sft" else {}
+    if record.get("focus"):
+        label += ", then " + " + ".join(_TASK_NAMES.get(task, task) for task in record["focus"]["tasks"]) + " only"
+    if record.get("refresh"):
+        label += ", then all tasks"
     return label
 
 

@@ -72,17 +72,20 @@ def test_stage_two_beats_the_untrained_model(demo_dir):
     assert ppo["history"] and all(k in ppo for k in ("reward_sft", "reward_ppo"))
 
 
-def test_stage_two_ends_with_a_phase_on_the_focus_tasks_only(demo_dir):
+def test_stage_two_has_a_phase_on_the_focus_tasks_only_then_a_refresh_on_every_task(demo_dir):
     from qwenvl.demo import CONFIG_PATH
 
     recipe = json.loads(CONFIG_PATH.read_text())["quick"]["sft"]
     sft = json.loads((demo_dir / "sft" / "done.json").read_text())
     assert sft["focus"]["tasks"] == recipe["focus"]["tasks"] == ["rec"]
     assert 0 < sft["focus"]["n_rows"] < sft["n_rows"]  # REC rows only, out of every task's rows
+    assert sft["refresh"]["n_rows"] == sft["n_rows"]  # every task's rows again
     steps = [step for step, _ in sft["losses"]]
-    assert steps == sorted(steps) and steps[-1] == recipe["max_steps"] + recipe["focus"]["max_steps"]
-    assert not (demo_dir / "sft_multitask").exists()  # the intermediate checkpoint is not left behind
-    assert "| stage 2: multi-task SFT, then REC only |" in (demo_dir / "report.md").read_text()
+    total = recipe["max_steps"] + recipe["focus"]["max_steps"] + recipe["refresh"]["max_steps"]
+    assert steps == sorted(steps) and steps[-1] == total
+    # The intermediate checkpoints are not left behind.
+    assert not (demo_dir / "sft_multitask").exists() and not (demo_dir / "sft_focus").exists()
+    assert "| stage 2: multi-task SFT, then REC only, then all tasks |" in (demo_dir / "report.md").read_text()
 
 
 def test_a_focus_phase_naming_an_unknown_task_is_refused_before_training(tmp_path):
@@ -99,7 +102,7 @@ def test_a_focus_phase_naming_an_unknown_task_is_refused_before_training(tmp_pat
     assert not (tmp_path / "sft_multitask").exists() and not (tmp_path / "sft").exists()
 
 
-def test_stage_two_trains_in_its_recipes_precision_in_both_phases(demo_dir, tmp_path, monkeypatch):
+def test_stage_two_trains_in_its_recipes_precision_in_every_phase(demo_dir, tmp_path, monkeypatch):
     import qwenvl.demo as demo_module
     import qwenvl.train
 
@@ -114,7 +117,8 @@ def test_stage_two_trains_in_its_recipes_precision_in_both_phases(demo_dir, tmp_
     monkeypatch.setattr(demo_module, "_training_arguments",
                         lambda *args, **kwargs: autocast.append(args[4]) or arguments(*args, **kwargs))
     record = demo.stage_sft()
-    assert compiled == ["QwenVLForConditionalGeneration"] * 2 and autocast == [True, True]  # multi-task, then REC
+    # Multi-task, then REC, then every task again.
+    assert compiled == ["QwenVLForConditionalGeneration"] * 3 and autocast == [True, True, True]
     assert record["metrics"]["rec"]["n"] > 0 and (tmp_path / "sft" / "model.safetensors").exists()
 
 
