@@ -371,7 +371,7 @@ class Demo:
 
         tasks = tuple(self.recipe["sft"]["focus"]["tasks"])
         if not tasks:
-            raise ValueError("recipe sft.focus.tasks is empty: name the tasks of stage 2's last phase, e.g. ['rec']")
+            raise ValueError("recipe sft.focus.tasks is empty: name the tasks of stage 2's focus phase, e.g. ['rec']")
         check_tasks(tasks, where="recipe sft.focus.tasks")
         return tasks
 
