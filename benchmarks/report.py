@@ -113,20 +113,18 @@ def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
 
     if "memory" in results:
         m = results["memory"]
-        on, off = m["checkpointing"], m["no_checkpointing"]
-        out.append((f"train peak RSS MiB, checkpointing on | off (batch {m['batch_size']})",
-                    _fmt(on["peak_rss_mib"]), _fmt(off["peak_rss_mib"]), _fmt(m["peak_rss_ratio"], "x"), ""))
-        out.append(("train step memory over resident state MiB, on | off", _fmt(on["step_increase_mib"]),
-                    _fmt(off["step_increase_mib"]), _fmt(m["step_increase_ratio"], "x"), ""))
+        pairs = [("", f" (batch {m['batch_size']})", m)]
         if "chunked_loss" in m:
-            c = m["chunked_loss"]
-            on, off = c["checkpointing"], c["no_checkpointing"]
-            out.append(("  chunked loss: train peak RSS MiB, checkpointing on | off", _fmt(on["peak_rss_mib"]),
-                        _fmt(off["peak_rss_mib"]), _fmt(c["peak_rss_ratio"], "x"), ""))
-            out.append(("  chunked loss: step memory over resident state MiB, on | off",
-                        _fmt(on["step_increase_mib"]), _fmt(off["step_increase_mib"]),
-                        _fmt(c["step_increase_ratio"], "x"), ""))
-            out.append(("train peak RSS MiB, checkpointing + chunked loss | neither", _fmt(on["peak_rss_mib"]),
+            pairs.append(("  chunked loss: ", "", m["chunked_loss"]))
+        for prefix, suffix, pair in pairs:
+            on, off = pair["checkpointing"], pair["no_checkpointing"]
+            out.append((f"{prefix}train peak RSS MiB, checkpointing on | off{suffix}", _fmt(on["peak_rss_mib"]),
+                        _fmt(off["peak_rss_mib"]), _fmt(pair["peak_rss_ratio"], "x"), ""))
+            out.append((f"{prefix}train step memory over resident state MiB, on | off", _fmt(on["step_increase_mib"]),
+                        _fmt(off["step_increase_mib"]), _fmt(pair["step_increase_ratio"], "x"), ""))
+        if "chunked_loss" in m:
+            out.append(("train peak RSS MiB, checkpointing + chunked loss | neither",
+                        _fmt(m["chunked_loss"]["checkpointing"]["peak_rss_mib"]),
                         _fmt(m["no_checkpointing"]["peak_rss_mib"]),
                         _fmt(m["both_over_neither_peak_rss_ratio"], "x"), ""))
     return out

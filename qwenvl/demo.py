@@ -343,27 +343,22 @@ class Demo:
         """
         recipe = self.recipe["sft"]
         tasks = self.focus_tasks()
-        refresh = recipe.get("refresh")
         precision = {key: recipe[key] for key in ("bf16", "compile") if key in recipe}  # every phase's too
         mixed = self._train_sft(self.paths.pretrain, self.paths.sft_multitask, "multitask-frozen-vit", recipe,
                                 tasks=None, evaluate=False)
-        focus_folder = self.paths.sft_focus if refresh else self.paths.sft
-        focused = self._train_sft(self.paths.sft_multitask, focus_folder, "multitask-frozen-vit",
-                                  {**precision, **recipe["focus"]}, tasks=tasks, evaluate=not refresh)
-        shutil.rmtree(self.paths.sft_multitask)  # intermediate checkpoints; the stage's result is `sft`
-        offset = recipe["max_steps"]
-        losses = mixed["losses"] + [(offset + step, loss) for step, loss in focused["losses"]]
-        record = {**mixed, "focus": {"tasks": list(tasks), "train_loss": focused["train_loss"],
-                                     "n_rows": focused["n_rows"]}}
-        last = focused
-        if refresh:
-            offset += recipe["focus"]["max_steps"]
-            last = self._train_sft(focus_folder, self.paths.sft, "multitask-frozen-vit", {**precision, **refresh},
-                                   tasks=None)
-            shutil.rmtree(focus_folder)
-            losses += [(offset + step, loss) for step, loss in last["losses"]]
-            record["refresh"] = {"train_loss": last["train_loss"], "n_rows": last["n_rows"]}
-        return {**record, "losses": losses, "metrics": last["metrics"]}
+        focused = self._train_sft(self.paths.sft_multitask, self.paths.sft_focus, "multitask-frozen-vit",
+                                  {**precision, **recipe["focus"]}, tasks=tasks, evaluate=False)
+        refreshed = self._train_sft(self.paths.sft_focus, self.paths.sft, "multitask-frozen-vit",
+                                    {**precision, **recipe["refresh"]}, tasks=None)
+        for intermediate in (self.paths.sft_multitask, self.paths.sft_focus):
+            shutil.rmtree(intermediate)  # the stage's result is `sft`
+        focus_start = recipe["max_steps"]
+        refresh_start = focus_start + recipe["focus"]["max_steps"]
+        losses = (mixed["losses"] + [(focus_start + step, loss) for step, loss in focused["losses"]]
+                  + [(refresh_start + step, loss) for step, loss in refreshed["losses"]])
+        return {**mixed, "losses": losses, "metrics": refreshed["metrics"],
+                "focus": {"tasks": list(tasks), "train_loss": focused["train_loss"], "n_rows": focused["n_rows"]},
+                "refresh": {"train_loss": refreshed["train_loss"], "n_rows": refreshed["n_rows"]}}
 
     def focus_tasks(self) -> tuple[str, ...]:
         """Stage 2's focus tasks, checked: `run` calls this before any stage, so a typo costs no training."""
