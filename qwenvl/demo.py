@@ -121,6 +121,16 @@ def _cell_targets(classes: torch.Tensor, boxes: torch.Tensor, cells: int) -> tup
     return label, box * covered.unsqueeze(-1)
 
 
+COORDINATE_DIGITS = 8  # the hundreds and tens digits of x1, y1, x2, y2 as `<box>` writes them
+
+
+def _coordinate_digits(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) boxes as fractions of the image side -> (..., 8) digits: the hundreds and tens of each coordinate
+    normalised to [0, 1000) as `qwenvl.grounding` encodes it, the characters the LLM writes for an IoU >= 0.5 box."""
+    normalised = (boxes * 1000).floor().clamp(0, 999).long()
+    return torch.stack((normalised // 100, normalised // 10 % 10), dim=-1).flatten(-2)
+
+
 def _chat_texts(rows: list[dict]) -> list[str]:
     """The rows as the model reads them (chat template included), so the template's words get merges too: trained
     on the bare prompts and answers, the vocabulary split "system", "assistant" and the default system prompt into
@@ -249,10 +259,12 @@ class Demo:
         test_pixels, test_classes, test_boxes = self._patch_batches("test", processor, limit=200)
         cells = vit.attn_pool.query.shape[0]
         token_classes, token_boxes = _cell_targets(classes, boxes, cells)
-        test_token_classes, _ = _cell_targets(test_classes, test_boxes, cells)  # box error is scored on patches
+        test_token_classes, test_token_boxes = _cell_targets(test_classes, test_boxes, cells)  # box error: on patches
         background = len(PATCH_CLASSES)
-        patch_head = torch.nn.Linear(table.shape[1], background + 1 + 4)
-        token_head = torch.nn.Linear(vit.proj.shape[1], background + 1 + 4)
+        digits = recipe.get("coordinate_digits", False)
+        outputs = background + 1 + 4 + (COORDINATE_DIGITS * 10 if digits else 0)
+        patch_head = torch.nn.Linear(table.shape[1], outputs)
+        token_head = torch.nn.Linear(vit.proj.shape[1], outputs)
         device = torch.device(self.device)  # where `_patch_batches` put the scenes and targets
         for module in (vit, patch_head, token_head):
             module.to(device)
@@ -265,8 +277,13 @@ class Demo:
         def loss_of(out, target_classes, target_boxes):
             on_object = target_classes != background
             class_loss = F.cross_entropy(out[..., : background + 1].flatten(0, 1), target_classes.flatten())
-            box_loss = F.l1_loss(out[..., background + 1 :][on_object], target_boxes[on_object])
-            return class_loss + 4.0 * box_loss
+            box_loss = F.l1_loss(out[..., background + 1 : background + 5][on_object], target_boxes[on_object])
+            loss = class_loss + 4.0 * box_loss
+            if digits:
+                digit_logits = out[..., background + 5 :][on_object].unflatten(-1, (COORDINATE_DIGITS, 10))
+                wanted = _coordinate_digits(target_boxes[on_object])
+                loss = loss + F.cross_entropy(digit_logits.flatten(0, 1), wanted.flatten())
+            return loss
 
         losses = []
         warmup = max(1, recipe["max_steps"] // 20)
@@ -293,12 +310,18 @@ class Demo:
             return float((out[..., : background + 1].argmax(-1)[on_object] == target_classes[on_object]).float().mean())
 
         on_object = test_classes != background
-        box_error = (patch_out[..., background + 1 :][on_object] - test_boxes[on_object]).abs().mean()
+        box_error = (patch_out[..., background + 1 : background + 5][on_object] - test_boxes[on_object]).abs().mean()
+        record = {"losses": losses, "object_patch_accuracy": accuracy(patch_out, test_classes),
+                  "object_token_accuracy": accuracy(token_out, test_token_classes), "box_error": float(box_error),
+                  "n_scenes": len(pixels)}
+        if digits:
+            on_token_object = test_token_classes != background
+            predicted = token_out[..., background + 5 :][on_token_object].unflatten(-1, (COORDINATE_DIGITS, 10))
+            wanted = _coordinate_digits(test_token_boxes[on_token_object])
+            record["token_digit_accuracy"] = float((predicted.argmax(-1) == wanted).float().mean())
         model.to("cpu").save_pretrained(self.paths.vision)
         processor.save_pretrained(self.paths.vision)
-        return {"losses": losses, "object_patch_accuracy": accuracy(patch_out, test_classes),
-                "object_token_accuracy": accuracy(token_out, test_token_classes), "box_error": float(box_error),
-                "n_scenes": len(pixels)}
+        return record
 
     def _train_sft(self, source: Path, folder: Path, stage: str, recipe: dict, tasks: tuple[str, ...] | None,
                    evaluate: bool = True) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -50,6 +51,7 @@ def test_vision_pretraining_changes_only_the_vision_tower(demo_dir):
     for key in ("object_patch_accuracy", "object_token_accuracy"):
         assert 0.0 <= vision[key] <= 1.0
     assert vision["box_error"] >= 0.0
+    assert 0.0 <= vision["token_digit_accuracy"] <= 1.0  # the recipe's coordinate_digits targets
     before = load_file(demo_dir / "init" / "model.safetensors")
     after = load_file(demo_dir / "vision" / "model.safetensors")
     changed = {name for name in before if not torch.equal(before[name], after[name])}
@@ -193,6 +195,17 @@ def test_image_token_targets_take_the_object_covering_most_of_the_cell():
     assert cell_boxes[0, 0].tolist() == pytest.approx([0.0, 0.0, 0.4, 0.4]) and not cell_boxes[0, 1:].any()
     with pytest.raises(ValueError, match="do not tile"):
         _cell_targets(classes, boxes, cells=9)
+
+
+def test_coordinate_digit_targets_are_the_characters_the_box_text_starts_each_coordinate_with():
+    from qwenvl.demo import _coordinate_digits
+    from qwenvl.grounding import format_box
+
+    box = [28, 34, 52, 111]  # pixels of a 112-px scene
+    digits = _coordinate_digits(torch.tensor(box) / 112).tolist()
+    written = re.findall(r"\d+", format_box(box, (112, 112)))  # <box>(250,303),(464,991)</box>
+    assert digits == [int(c) for value in written for c in value.zfill(3)[:2]]
+    assert digits == [2, 5, 3, 0, 4, 6, 9, 9]
 
 
 def test_bf16_autocast_is_opt_in_from_the_command_line(monkeypatch, tmp_path):
