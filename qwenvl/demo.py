@@ -263,7 +263,7 @@ class Demo:
         test_pixels, test_classes, test_boxes = self._patch_batches("test", processor, limit=200)
         cells = vit.attn_pool.query.shape[0]
         token_classes, token_boxes = _cell_targets(classes, boxes, cells)
-        test_token_classes, test_token_boxes = _cell_targets(test_classes, test_boxes, cells)  # box error: on patches
+        test_token_classes, test_token_boxes = _cell_targets(test_classes, test_boxes, cells)
         background = len(PATCH_CLASSES)
         digits = recipe.get("coordinate_digits", False)
         outputs = background + 1 + 4 + (COORDINATE_DIGITS * 10 if digits else 0)
@@ -278,15 +278,19 @@ class Demo:
                                       lr=recipe["learning_rate"], betas=(0.9, 0.98))
         generator = torch.Generator().manual_seed(self.seed)
 
+        def split(out):
+            """A head's output: class logits, box, and (with `coordinate_digits`) ten logits per coordinate digit."""
+            digit_logits = out[..., background + 5 :].unflatten(-1, (COORDINATE_DIGITS, 10)) if digits else None
+            return out[..., : background + 1], out[..., background + 1 : background + 5], digit_logits
+
         def loss_of(out, target_classes, target_boxes):
             on_object = target_classes != background
-            class_loss = F.cross_entropy(out[..., : background + 1].flatten(0, 1), target_classes.flatten())
-            box_loss = F.l1_loss(out[..., background + 1 : background + 5][on_object], target_boxes[on_object])
-            loss = class_loss + 4.0 * box_loss
+            class_logits, box, digit_logits = split(out)
+            class_loss = F.cross_entropy(class_logits.flatten(0, 1), target_classes.flatten())
+            loss = class_loss + 4.0 * F.l1_loss(box[on_object], target_boxes[on_object])
             if digits:
-                digit_logits = out[..., background + 5 :][on_object].unflatten(-1, (COORDINATE_DIGITS, 10))
                 wanted = _coordinate_digits(target_boxes[on_object])
-                loss = loss + F.cross_entropy(digit_logits.flatten(0, 1), wanted.flatten())
+                loss = loss + F.cross_entropy(digit_logits[on_object].flatten(0, 1), wanted.flatten())
             return loss
 
         losses = []
@@ -311,18 +315,18 @@ class Demo:
 
         def accuracy(out, target_classes):
             on_object = target_classes != background
-            return float((out[..., : background + 1].argmax(-1)[on_object] == target_classes[on_object]).float().mean())
+            return float((split(out)[0].argmax(-1)[on_object] == target_classes[on_object]).float().mean())
 
         on_object = test_classes != background
-        box_error = (patch_out[..., background + 1 : background + 5][on_object] - test_boxes[on_object]).abs().mean()
+        box_error = (split(patch_out)[1][on_object] - test_boxes[on_object]).abs().mean()
         record = {"losses": losses, "object_patch_accuracy": accuracy(patch_out, test_classes),
                   "object_token_accuracy": accuracy(token_out, test_token_classes), "box_error": float(box_error),
                   "n_scenes": len(pixels)}
         if digits:
             on_token_object = test_token_classes != background
-            predicted = token_out[..., background + 5 :][on_token_object].unflatten(-1, (COORDINATE_DIGITS, 10))
+            predicted = split(token_out)[2][on_token_object].argmax(-1)
             wanted = _coordinate_digits(test_token_boxes[on_token_object])
-            record["token_digit_accuracy"] = float((predicted.argmax(-1) == wanted).float().mean())
+            record["token_digit_accuracy"] = float((predicted == wanted).float().mean())
         model.to("cpu").save_pretrained(self.paths.vision)
         processor.save_pretrained(self.paths.vision)
         return record
