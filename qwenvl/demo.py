@@ -9,6 +9,7 @@ Each finished stage leaves `<stage>/done.json`; a re-run continues after the las
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -95,11 +96,13 @@ def _sft_rows(data_dir: Path, split: str, tasks: tuple[str, ...] | None = None) 
     return [row for row in rows if task_of[row["id"]] in tasks]
 
 
-def _cell_targets(classes: torch.Tensor, boxes: torch.Tensor, cells: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image token: the class (and box) covering most patches of its grid cell, else background.
+def _cell_targets(classes: torch.Tensor, cells: int, *per_patch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per image token: the class covering most patches of its grid cell, else background, and that object's row of
+    each `per_patch` target (its box, its relations; zeros for background tokens).
 
-    `classes` (n, grid²) and `boxes` (n, grid², 4) are `patch_targets` stacked; `cells` is the number of image
-    tokens (a square grid that divides the patch grid, as `localize_adapter` lays the queries out).
+    `classes` (n, grid²) and each of `per_patch` (n, grid², k) are `patch_targets` / `patch_relations` stacked;
+    `cells` is the number of image tokens (a square grid that divides the patch grid, as `localize_adapter` lays
+    the queries out).
     """
     n, patches = classes.shape
     grid, side = round(patches**0.5), round(cells**0.5)
@@ -109,16 +112,24 @@ def _cell_targets(classes: torch.Tensor, boxes: torch.Tensor, cells: int) -> tup
 
     background = len(PATCH_CLASSES)
     f = grid // side
-    per_cell = classes.reshape(n, side, f, side, f).permute(0, 1, 3, 2, 4).reshape(n, cells, f * f)
-    cell_boxes = boxes.reshape(n, side, f, side, f, 4).permute(0, 1, 3, 2, 4, 5).reshape(n, cells, f * f, 4)
+
+    def by_cell(t: torch.Tensor) -> torch.Tensor:  # (n, grid², ...) -> (n, cells, f², ...)
+        return t.reshape(n, side, f, side, f, *t.shape[2:]).transpose(2, 3).reshape(n, cells, f * f, *t.shape[2:])
+
+    per_cell = by_cell(classes)
     votes = torch.zeros(n, cells, background + 1, dtype=torch.int32, device=classes.device)  # (n, cells, classes + bg)
     votes.scatter_add_(2, per_cell, torch.ones_like(per_cell, dtype=torch.int32))
     votes = votes[..., :background]  # a one-hot of every patch would be 390 MB for the 10k training scenes
     covered = votes.amax(-1) > 0
     label = torch.where(covered, votes.argmax(-1), torch.full_like(per_cell[..., 0], background))
-    first = (per_cell == label.unsqueeze(-1)).int().argmax(-1)  # a patch of the winning object: its box
-    box = torch.gather(cell_boxes, 2, first[..., None, None].expand(-1, -1, 1, 4)).squeeze(2)
-    return label, box * covered.unsqueeze(-1)
+    first = (per_cell == label.unsqueeze(-1)).int().argmax(-1)  # a patch of the winning object: its targets
+
+    def of_first(t: torch.Tensor) -> torch.Tensor:
+        cell_t = by_cell(t)
+        picked = torch.gather(cell_t, 2, first[..., None, None].expand(-1, -1, 1, cell_t.shape[-1])).squeeze(2)
+        return picked * covered.unsqueeze(-1)
+
+    return (label, *(of_first(t) for t in per_patch))
 
 
 COORDINATE_DIGITS = 8  # the hundreds and tens digits of x1, y1, x2, y2 as `<box>` writes them
@@ -206,18 +217,18 @@ class Demo:
                 "metrics": self.evaluate(self.paths.init)}
 
     def _patch_batches(self, split: str, processor, limit: int | None = None):
-        """Pixel values and dense patch targets (`qwenvl.data.synthetic.patch_targets`) of a split's scenes, on
-        `--device` (10k 64-px scenes: ~0.5 GB of pixels)."""
+        """Pixel values and dense patch targets (`qwenvl.data.synthetic.patch_targets` and `patch_relations`) of a
+        split's scenes, on `--device` (10k 64-px scenes: ~0.5 GB of pixels)."""
         import numpy as np
 
-        from .data.synthetic import patch_targets
+        from .data.synthetic import patch_relations, patch_targets
         from .eval.runner import _load_images
 
         source = self.paths.data / f"{split}_scenes.jsonl"
         rows = _read_jsonl(source)[:limit]
         vision = self.model_spec["visual"]
         grid = vision["image_size"] // vision["patch_size"]
-        pixels, classes, boxes = [], [], []
+        pixels, classes, boxes, relations = [], [], [], []
         for start in range(0, len(rows), 256):
             chunk = rows[start : start + 256]
             images = _load_images(chunk, self.paths.data, str(source))
@@ -226,8 +237,9 @@ class Demo:
                 patch_classes, patch_boxes = patch_targets(row, grid)
                 classes.append(patch_classes)
                 boxes.append(patch_boxes)
-        return tuple(t.to(self.device) for t in (torch.cat(pixels), torch.from_numpy(np.stack(classes)),
-                                                  torch.from_numpy(np.stack(boxes))))
+                relations.append(patch_relations(row, grid))
+        targets = (torch.from_numpy(np.stack(t)) for t in (classes, boxes, relations))
+        return tuple(t.to(self.device) for t in (torch.cat(pixels), *targets))
 
     def stage_vision(self) -> dict:
         """Pre-train the vision tower from scratch on dense targets: what (colour, shape or digit) is where.
@@ -247,7 +259,7 @@ class Demo:
         import torch.nn.functional as F
         from transformers import AutoModelForCausalLM
 
-        from .data.synthetic import PATCH_CLASSES
+        from .data.synthetic import PATCH_CLASSES, RELATION_VALUES, RELATIONS
         from .modeling_qwenvl import get_2d_sincos_pos_embed
 
         recipe = self.recipe["vision"]
@@ -259,16 +271,21 @@ class Demo:
         with torch.no_grad():
             side = int(table.shape[0] ** 0.5)
             table.copy_(torch.from_numpy(get_2d_sincos_pos_embed(table.shape[1], side)))
-        pixels, classes, boxes = self._patch_batches("train", processor)
-        test_pixels, test_classes, test_boxes = self._patch_batches("test", processor, limit=200)
+        train = self._patch_batches("train", processor)  # pixels, classes, boxes, relations
+        test = self._patch_batches("test", processor, limit=200)
         cells = vit.attn_pool.query.shape[0]
-        token_classes, token_boxes = _cell_targets(classes, boxes, cells)
-        test_token_classes, test_token_boxes = _cell_targets(test_classes, test_boxes, cells)
+        train_tokens = _cell_targets(train[1], cells, *train[2:])  # classes, boxes, relations
+        test_tokens = _cell_targets(test[1], cells, *test[2:])
         background = len(PATCH_CLASSES)
-        digits = recipe.get("coordinate_digits", False)
-        outputs = background + 1 + 4 + (COORDINATE_DIGITS * 10 if digits else 0)
-        patch_head = torch.nn.Linear(table.shape[1], outputs)
-        token_head = torch.nn.Linear(vit.proj.shape[1], outputs)
+        # Targets each object patch and token also classifies, beside its class and box: name -> (columns, classes).
+        categorical = {}
+        if recipe.get("coordinate_digits", False):
+            categorical["digit"] = (COORDINATE_DIGITS, 10)
+        if recipe.get("relation_targets", False):
+            categorical["relation"] = (len(RELATIONS), RELATION_VALUES)
+        sizes = [background + 1, 4, *(columns * classes for columns, classes in categorical.values())]
+        patch_head = torch.nn.Linear(table.shape[1], sum(sizes))
+        token_head = torch.nn.Linear(vit.proj.shape[1], sum(sizes))
         device = torch.device(self.device)  # where `_patch_batches` put the scenes and targets
         for module in (vit, patch_head, token_head):
             module.to(device)
@@ -279,54 +296,60 @@ class Demo:
         generator = torch.Generator().manual_seed(self.seed)
 
         def split(out):
-            """A head's output: class logits, box, and (with `coordinate_digits`) ten logits per coordinate digit."""
-            digit_logits = out[..., background + 5 :].unflatten(-1, (COORDINATE_DIGITS, 10)) if digits else None
-            return out[..., : background + 1], out[..., background + 1 : background + 5], digit_logits
+            """A head's output: class logits, box, and each `categorical` target's logits (..., columns, classes)."""
+            class_logits, box, *rest = out.split(sizes, dim=-1)
+            return class_logits, box, {name: part.unflatten(-1, shape)
+                                       for (name, shape), part in zip(categorical.items(), rest)}
 
-        def loss_of(out, target_classes, target_boxes):
+        def categorical_targets(name, boxes, relations):
+            return _coordinate_digits(boxes) if name == "digit" else relations
+
+        def loss_of(out, target_classes, target_boxes, target_relations):
             on_object = target_classes != background
-            class_logits, box, digit_logits = split(out)
+            class_logits, box, groups = split(out)
             class_loss = F.cross_entropy(class_logits.flatten(0, 1), target_classes.flatten())
             loss = class_loss + 4.0 * F.l1_loss(box[on_object], target_boxes[on_object])
-            if digits:
-                wanted = _coordinate_digits(target_boxes[on_object])
-                loss = loss + F.cross_entropy(digit_logits[on_object].flatten(0, 1), wanted.flatten())
+            for name, logits in groups.items():
+                wanted = categorical_targets(name, target_boxes[on_object], target_relations[on_object])
+                loss = loss + F.cross_entropy(logits[on_object].flatten(0, 1), wanted.flatten())
             return loss
 
         losses = []
-        warmup = max(1, recipe["max_steps"] // 20)
-        for step in range(1, recipe["max_steps"] + 1):
+        steps = recipe["max_steps"]
+        warmup = max(1, steps // 20)
+        for step in range(1, steps + 1):
+            decay = 0.5 * (1 + math.cos(math.pi * max(0, step - warmup) / max(1, steps - warmup)))  # cosine to 0
             for group in optimizer.param_groups:
-                group["lr"] = recipe["learning_rate"] * min(1.0, step / warmup)
-            index = torch.randint(0, len(pixels), (recipe["batch_size"],), generator=generator).to(device)
+                group["lr"] = recipe["learning_rate"] * min(1.0, step / warmup) * decay
+            index = torch.randint(0, len(train[0]), (recipe["batch_size"],), generator=generator).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                patches = vit.encode_patches(pixels[index])
-                loss = loss_of(patch_head(patches), classes[index], boxes[index]) + loss_of(
-                    token_head(vit.pool_patches(patches)), token_classes[index], token_boxes[index]
+                patches = vit.encode_patches(train[0][index])
+                loss = loss_of(patch_head(patches), *(t[index] for t in train[1:])) + loss_of(
+                    token_head(vit.pool_patches(patches)), *(t[index] for t in train_tokens)
                 )
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if step % max(1, recipe["max_steps"] // 50) == 0:
+            if step % max(1, steps // 50) == 0:
                 losses.append((step, loss.item()))
         with torch.no_grad():
-            patches = vit.encode_patches(test_pixels)
+            patches = vit.encode_patches(test[0])
             patch_out, token_out = patch_head(patches), token_head(vit.pool_patches(patches))
 
         def accuracy(out, target_classes):
             on_object = target_classes != background
             return float((split(out)[0].argmax(-1)[on_object] == target_classes[on_object]).float().mean())
 
+        test_classes, test_boxes, _ = test[1:]
         on_object = test_classes != background
         box_error = (split(patch_out)[1][on_object] - test_boxes[on_object]).abs().mean()
         record = {"losses": losses, "object_patch_accuracy": accuracy(patch_out, test_classes),
-                  "object_token_accuracy": accuracy(token_out, test_token_classes), "box_error": float(box_error),
-                  "n_scenes": len(pixels)}
-        if digits:
-            on_token_object = test_token_classes != background
-            predicted = split(token_out)[2][on_token_object].argmax(-1)
-            wanted = _coordinate_digits(test_token_boxes[on_token_object])
-            record["token_digit_accuracy"] = float((predicted == wanted).float().mean())
+                  "object_token_accuracy": accuracy(token_out, test_tokens[0]), "box_error": float(box_error),
+                  "n_scenes": len(train[0])}
+        on_token_object = test_tokens[0] != background
+        for name, logits in split(token_out)[2].items():  # token_digit_accuracy, token_relation_accuracy
+            wanted = categorical_targets(name, *(t[on_token_object] for t in test_tokens[1:]))
+            record[f"token_{name}_accuracy"] = float((logits[on_token_object].argmax(-1) == wanted).float().mean())
         model.to("cpu").save_pretrained(self.paths.vision)
         processor.save_pretrained(self.paths.vision)
         return record
