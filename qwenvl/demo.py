@@ -253,7 +253,11 @@ class Demo:
         `coordinate_digits` the heads also classify the hundreds and tens digit of each box coordinate, the characters
         `<box>` writes: the LLM then copies digits it can read off linearly instead of turning a regressed coordinate
         into digits, and an image token that mixes two objects still votes for whole digits (REC 0.58 -> 0.71, answer
-        NLL 0.41 -> 0.34, run 20 against run 19). The position table starts as a 2-D sin-cos grid so positions are
+        NLL 0.41 -> 0.34, run 20 against run 19). With `relation_targets` they also classify what the count and
+        position questions ask of several objects at once (`qwenvl.data.synthetic.patch_relations`: how many objects
+        the scene holds, how many of the object's kind and of its colour, its rank left to right and top to bottom),
+        so that the LLM can read those off the named object's tokens too. The rate warms up over the first 5 % of
+        the steps and decays to 0 on a cosine. The position table starts as a 2-D sin-cos grid so positions are
         smooth from the first step. The LLM stays as initialised.
         """
         import torch.nn.functional as F
