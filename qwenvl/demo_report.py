@@ -142,9 +142,8 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
     for row in table:
         lines.append(f"| {row['stage']} | {_fmt(row['rec'])} | {_fmt(row['vqa'])} | {_fmt(row['cider'])} | "
                      f"{_fmt(row['grounded_cider'])} | {_fmt(row['nll'])} | {_fmt(row['seconds'], 0)} |")
-    extras = {"token_digit_accuracy": "coordinate digits", "token_relation_accuracy": "counts and ranks"}
-    extra_targets = "".join(f", {what} from image tokens {_fmt(vision[key])}"
-                            for key, what in extras.items() if key in vision)
+    digits = vision.get("token_digit_accuracy")
+    digits = "" if digits is None else f", coordinate digits from image tokens {_fmt(digits)}"
     lines += [
         "",
         f"Test split, {n_eval if n_eval is not None else '?'} samples per task for REC (Acc@0.5: first box parsed, "
@@ -157,7 +156,7 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
         f"{_fmt(records.get('data', {}).get('seconds'), 0)} |",
         f"| vision pre-training | object class from patches {_fmt(vision.get('object_patch_accuracy'))}, from image "
         f"tokens {_fmt(vision.get('object_token_accuracy'))}, box error "
-        f"{_fmt(vision.get('box_error'))} of the image side{extra_targets} (test scenes) | "
+        f"{_fmt(vision.get('box_error'))} of the image side{digits} (test scenes) | "
         f"{_fmt(vision.get('seconds'), 0)} |",
         f"| reward model | held-out pairwise accuracy {_fmt(pairwise)} | {_fmt(reward.get('seconds'), 0)} |",
         f"| PPO-ptx | held-out mean reward {_fmt(ppo.get('reward_sft'))} (SFT) → {_fmt(ppo.get('reward_ppo'))} (PPO) | "

@@ -52,7 +52,6 @@ def test_vision_pretraining_changes_only_the_vision_tower(demo_dir):
         assert 0.0 <= vision[key] <= 1.0
     assert vision["box_error"] >= 0.0
     assert 0.0 <= vision["token_digit_accuracy"] <= 1.0  # the recipe's coordinate_digits targets
-    assert 0.0 <= vision["token_relation_accuracy"] <= 1.0  # and relation_targets
     before = load_file(demo_dir / "init" / "model.safetensors")
     after = load_file(demo_dir / "vision" / "model.safetensors")
     changed = {name for name in before if not torch.equal(before[name], after[name])}
@@ -191,15 +190,11 @@ def test_image_token_targets_take_the_object_covering_most_of_the_cell():
     boxes = torch.zeros(1, 16, 4)
     boxes[0, [0, 1, 4]] = torch.tensor([0.0, 0.0, 0.4, 0.4])
     boxes[0, 5] = torch.tensor([0.2, 0.2, 0.6, 0.6])
-    relations = torch.zeros(1, 16, 5, dtype=torch.long)
-    relations[0, [0, 1, 4]] = torch.tensor([2, 1, 1, 0, 0])
-    relations[0, 5] = torch.tensor([2, 1, 1, 1, 1])
-    labels, cell_boxes, cell_relations = _cell_targets(classes, 4, boxes, relations)
+    labels, cell_boxes = _cell_targets(classes, boxes, cells=4)
     assert labels.tolist() == [[7, bg, bg, bg]]
     assert cell_boxes[0, 0].tolist() == pytest.approx([0.0, 0.0, 0.4, 0.4]) and not cell_boxes[0, 1:].any()
-    assert cell_relations[0, 0].tolist() == [2, 1, 1, 0, 0] and not cell_relations[0, 1:].any()
     with pytest.raises(ValueError, match="do not tile"):
-        _cell_targets(classes, 9, boxes)
+        _cell_targets(classes, boxes, cells=9)
 
 
 def test_coordinate_digit_targets_are_the_characters_the_box_text_starts_each_coordinate_with():

@@ -395,31 +395,7 @@ def test_patch_targets_name_the_object_under_each_patch_centre_and_its_box(scene
             assert _close(tuple(boxes[index] * side), obj.box, tol=1e-3)  # absolute: the same for all its patches
 
 
-def test_patch_relations_give_each_object_patch_the_counts_and_order_the_questions_ask_about(scenes):
-    grid = 8
-    for scene in scenes:
-        row = scene.to_dict()
-        classes, _ = syn.patch_targets(row, grid)
-        relations = syn.patch_relations(row, grid)
-        assert relations.shape == (grid * grid, len(syn.RELATIONS)) and relations.dtype == np.int64
-        on_object = classes != len(syn.PATCH_CLASSES)
-        assert not relations[~on_object].any()
-        assert 0 <= relations.min() and relations.max() < syn.RELATION_VALUES
-        left_to_right = syn._left_to_right(scene.objects)
-        top_to_bottom = sorted(scene.objects, key=lambda o: ((o.box[1] + o.box[3]) / 2, (o.box[0] + o.box[2]) / 2))
-        for index in np.flatnonzero(on_object):
-            side = scene.image_size[0]
-            cx, cy = ((index % grid) + 0.5) / grid * side, ((index // grid) + 0.5) / grid * side
-            (obj,) = [o for o in scene.objects if o.box[0] <= cx < o.box[2] and o.box[1] <= cy < o.box[3]]
-            kind = sum(o.kind == obj.kind for o in scene.objects)  # "How many digits/squares are there?"
-            colour = sum(o.color == obj.color for o in scene.objects)  # "How many red objects are there?"
-            expected = [len(scene.objects), kind, colour, left_to_right.index(obj), top_to_bottom.index(obj)]
-            assert relations[index].tolist() == expected
-
-
 def test_patch_classes_cover_every_colour_shape_and_digit():
     assert len(syn.PATCH_CLASSES) == len(syn.COLORS) * (len(syn.SHAPES) + 10) == len(set(syn.PATCH_CLASSES))
     with pytest.raises(ValueError, match="grid"):
         syn.patch_targets(syn.make_scene(0).to_dict(), 0)
-    with pytest.raises(ValueError, match="grid"):
-        syn.patch_relations(syn.make_scene(0).to_dict(), 0)

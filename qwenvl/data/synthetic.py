@@ -485,21 +485,6 @@ PATCH_CLASSES: tuple[str, ...] = tuple(
 """Object classes of `patch_targets`; the background is class `len(PATCH_CLASSES)`."""
 
 
-def _patch_owners(scene: Mapping[str, Any], grid: int) -> np.ndarray:
-    """(grid²,) index into `scene["objects"]` of the object whose box holds each patch centre, else -1."""
-    if not isinstance(grid, int) or grid < 1:
-        raise ValueError(f"grid must be a positive integer, got {grid!r}")
-    width, height = scene["image_size"]
-    owners = np.full(grid * grid, -1, dtype=np.int64)
-    centres = (np.arange(grid, dtype=np.float64) + 0.5) / grid
-    for index, obj in enumerate(scene["objects"]):
-        x1, y1, x2, y2 = obj["box"]
-        rows = np.flatnonzero((centres >= y1 / height) & (centres < y2 / height))
-        cols = np.flatnonzero((centres >= x1 / width) & (centres < x2 / width))
-        owners[(rows[:, None] * grid + cols[None, :]).ravel()] = index
-    return owners
-
-
 def patch_targets(scene: Mapping[str, Any], grid: int) -> tuple[np.ndarray, np.ndarray]:
     """Dense targets for a `grid` x `grid` patch grid over a scene (a `Scene.to_dict()` / `<split>_scenes.jsonl` row).
 
@@ -509,42 +494,22 @@ def patch_targets(scene: Mapping[str, Any], grid: int) -> tuple[np.ndarray, np.n
     gets in its own pre-training: what is where, to the pixel. The box is absolute, not relative to the patch, so an
     image token holds the coordinates the LLM writes in `<box>` (relative edges: REC 0.12 vs 0.22; README, demo).
     """
-    owners = _patch_owners(scene, grid)
+    if not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"grid must be a positive integer, got {grid!r}")
     width, height = scene["image_size"]
-    labels, object_boxes = [len(PATCH_CLASSES)], [np.zeros(4, dtype=np.float32)]  # row 0: the background
+    classes = np.full(grid * grid, len(PATCH_CLASSES), dtype=np.int64)
+    boxes = np.zeros((grid * grid, 4), dtype=np.float32)
+    centres = (np.arange(grid, dtype=np.float32) + 0.5) / grid
     for obj in scene["objects"]:
-        noun = f"digit {obj['digit']}" if obj["kind"] == "digit" else obj["kind"]
-        labels.append(PATCH_CLASSES.index(f"{obj['color']} {noun}"))
         x1, y1, x2, y2 = obj["box"]
-        object_boxes.append(np.array((x1 / width, y1 / height, x2 / width, y2 / height), dtype=np.float32))
-    return np.asarray(labels, dtype=np.int64)[owners + 1], np.stack(object_boxes)[owners + 1]
-
-
-RELATIONS: tuple[str, ...] = ("objects", "same kind", "same colour", "rank left to right", "rank top to bottom")
-"""The columns of `patch_relations`."""
-RELATION_VALUES = _MAX_OBJECTS + 1
-"""`patch_relations` values lie in [0, RELATION_VALUES): counts up to the most objects a scene holds, ranks below it."""
-
-
-def patch_relations(scene: Mapping[str, Any], grid: int) -> np.ndarray:
-    """Per patch, what the object under its centre has in common with the rest of the scene (a `RELATIONS` row).
-
-    Returns (grid², 5) int64: the number of objects in the scene, of objects of its kind (its shape, or any digit:
-    "How many digits are there?"), of objects of its colour, and its rank among the objects left to right and top
-    to bottom (by box centre, as `caption` orders them); 0 for background patches. They are what the count and
-    position questions and the caption's order need from several objects at once, made readable on each one.
-    """
-    objects = scene["objects"]
-    kinds = [obj["kind"] for obj in objects]
-    colours = [obj["color"] for obj in objects]
-    centres = np.array([((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in (obj["box"] for obj in objects)])
-    x_rank = np.argsort(np.lexsort((centres[:, 1], centres[:, 0])))
-    y_rank = np.argsort(np.lexsort((centres[:, 0], centres[:, 1])))
-    table = [[0] * len(RELATIONS)]  # row 0: the background
-    for index, obj in enumerate(objects):
-        table.append([len(objects), kinds.count(obj["kind"]), colours.count(obj["color"]), int(x_rank[index]),
-                      int(y_rank[index])])
-    return np.asarray(table, dtype=np.int64)[_patch_owners(scene, grid) + 1]
+        x1, x2, y1, y2 = x1 / width, x2 / width, y1 / height, y2 / height
+        noun = f"digit {obj['digit']}" if obj["kind"] == "digit" else obj["kind"]
+        label = PATCH_CLASSES.index(f"{obj['color']} {noun}")
+        for gy in np.flatnonzero((centres >= y1) & (centres < y2)):
+            for gx in np.flatnonzero((centres >= x1) & (centres < x2)):
+                classes[gy * grid + gx] = label
+                boxes[gy * grid + gx] = (x1, y1, x2, y2)
+    return classes, boxes
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -791,9 +756,6 @@ __all__ = [
     "make_samples",
     "make_preference_pairs",
     "PATCH_CLASSES",
-    "RELATIONS",
-    "RELATION_VALUES",
-    "patch_relations",
     "patch_targets",
     "generate_dataset",
 ]
