@@ -925,7 +925,7 @@ def pack_linear_weights_for_cpu(model: nn.Module) -> int:
         weight = module.weight
         if weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
             module._cpu_packed_weight = (
-                ops._reorder_linear_weight(weight.detach(), 1), weight._version, weight.data_ptr()
+                torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1), weight._version, weight.data_ptr()
             )
             module.forward = _packed_linear_forward.__get__(module)
             packed += 1
