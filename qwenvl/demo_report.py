@@ -144,6 +144,8 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
                      f"{_fmt(row['grounded_cider'])} | {_fmt(row['nll'])} | {_fmt(row['seconds'], 0)} |")
     digits = vision.get("token_digit_accuracy")
     digits = "" if digits is None else f", coordinate digits from image tokens {_fmt(digits)}"
+    questions = records.get("data", {}).get("vqa_questions", 1)
+    questions = f" ({questions} questions per training VQA conversation)" if questions > 1 else ""
     lines += [
         "",
         f"Test split, {n_eval if n_eval is not None else '?'} samples per task for REC (Acc@0.5: first box parsed, "
@@ -152,7 +154,8 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
         "",
         "| other stage | result | time (s) |",
         "|---|---|---|",
-        f"| data + tokenizer | {records.get('data', {}).get('n_train_scenes', '?')} training scenes × 4 tasks | "
+        f"| data + tokenizer | {records.get('data', {}).get('n_train_scenes', '?')} training scenes × 4 tasks"
+        f"{questions} | "
         f"{_fmt(records.get('data', {}).get('seconds'), 0)} |",
         f"| vision pre-training | object class from patches {_fmt(vision.get('object_patch_accuracy'))}, from image "
         f"tokens {_fmt(vision.get('object_token_accuracy'))}, box error "

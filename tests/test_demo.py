@@ -44,6 +44,19 @@ def test_the_tokenizer_was_trained_on_the_chat_template_too(demo_dir):
     assert len(tokenizer.tokenize("You are a helpful assistant.")) <= 6  # was 19
 
 
+def test_training_vqa_rows_ask_the_recipes_number_of_questions_and_test_rows_one(demo_dir):
+    from qwenvl.demo import CONFIG_PATH
+
+    questions = json.loads(CONFIG_PATH.read_text())["quick"]["data"]["vqa_questions"]
+    assert questions > 1
+    for split, expected in (("train", questions), ("test", 1)):
+        rows = json.loads((demo_dir / "data" / f"{split}.json").read_text())
+        vqa = [row for row in rows if row["id"].endswith("_vqa")]
+        assert vqa and {len(row["conversations"]) // 2 for row in vqa} <= set(range(1, expected + 1))
+        assert max(len(row["conversations"]) // 2 for row in vqa) == expected
+    assert f"({questions} questions per training VQA conversation)" in (demo_dir / "report.md").read_text()
+
+
 def test_vision_pretraining_changes_only_the_vision_tower(demo_dir):
     from safetensors.torch import load_file
 

@@ -233,6 +233,41 @@ def test_samples_are_deterministic_and_independent_of_the_task_subset():
     assert syn.make_samples(syn.make_scene(11)) == list(all_tasks.values())
 
 
+def test_a_multi_question_vqa_sample_adds_distinct_correct_questions_after_the_single_question(scenes):
+    lengths = set()
+    for scene in scenes:
+        single = {s.task: s for s in syn.make_samples(scene)}
+        multi = {s.task: s for s in syn.make_samples(scene, vqa_questions=4)}
+        # The first turn, and every other task, are what a single-question sample has.
+        vqa = multi["vqa"]
+        assert (vqa.prompt, vqa.answer, vqa.qtype) == (single["vqa"].prompt, single["vqa"].answer, single["vqa"].qtype)
+        assert single["vqa"].follow_ups == []
+        assert {t: s for t, s in multi.items() if t != "vqa"} == {t: s for t, s in single.items() if t != "vqa"}
+        prompts = [vqa.prompt] + [prompt for prompt, _ in vqa.follow_ups]
+        assert len(set(prompts)) == len(prompts) <= 4
+        for prompt, answer in vqa.follow_ups:
+            assert prompt.endswith(" Answer:") and answer == oracle(scene, prompt)
+        lengths.add(len(prompts))
+    assert 4 in lengths  # most scenes have four distinct questions; one-object scenes may have fewer
+
+
+def test_a_multi_question_vqa_sample_is_a_multi_turn_conversation_in_the_official_format():
+    scene = syn.make_scene(5, 112)
+    vqa = {s.task: s for s in syn.make_samples(scene, vqa_questions=3)}["vqa"]
+    turns = vqa.to_official("images/x.png")["conversations"]
+    assert [t["from"] for t in turns] == ["user", "assistant"] * 3
+    assert turns[0]["value"] == f"Picture 1: <img>images/x.png</img>\n{vqa.prompt}"
+    assert [(u["value"], a["value"]) for u, a in zip(turns[2::2], turns[3::2])] == vqa.follow_ups
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True])
+def test_the_number_of_vqa_questions_must_be_a_positive_integer(bad, tmp_path):
+    with pytest.raises(ValueError, match="vqa_questions"):
+        syn.make_samples(syn.make_scene(0), vqa_questions=bad)
+    with pytest.raises(ValueError, match="vqa_questions"):
+        syn.generate_dataset(tmp_path, n_train=1, n_val=0, n_test=0, vqa_questions=bad)
+
+
 def test_preference_pairs_prefer_the_correct_answer(scenes):
     for scene in scenes:
         vqa, rec = syn.make_preference_pairs(scene)
@@ -354,6 +389,29 @@ def test_same_arguments_give_byte_identical_files(dataset, tmp_path):
     other = syn.generate_dataset(tmp_path / "other", n_train=8, n_val=0, n_test=0, image_size=64, seed=4)
     assert other["train"].read_bytes() != (out / "train.json").read_bytes()
     assert json.loads(other["val"].read_text()) == []
+
+
+def test_only_the_training_split_gets_multi_question_vqa_conversations(tmp_path):
+    paths = syn.generate_dataset(tmp_path, n_train=6, n_val=3, n_test=3, image_size=64, seed=3, vqa_questions=3)
+    info = json.loads(paths["info"].read_text(encoding="utf-8"))
+    assert info["vqa_questions"] == {"train": 3, "val": 1, "test": 1}
+    for split in syn.SPLITS:
+        official = {row["id"]: row for row in json.loads(paths[split].read_text(encoding="utf-8"))}
+        rows = {row["id"]: row for row in load_official_finetune_json(paths[split], tmp_path)}
+        for sample in _read_jsonl(paths[f"{split}_samples"]):
+            n_turns = len(official[sample["id"]]["conversations"]) // 2
+            if split == "train" and sample["task"] == "vqa":
+                assert n_turns == 1 + len(sample["follow_ups"]) >= 2
+                # Loaded for training: one image, then every turn in order, later questions without an image.
+                messages = rows[sample["id"]]["messages"]
+                assert [m["role"] for m in messages] == ["user", "assistant"] * n_turns
+                assert messages[2]["content"][0] == {"type": "text", "text": sample["follow_ups"][0][0]}
+            else:
+                assert n_turns == 1 and sample["follow_ups"] is None
+    # The first question of each training conversation is the single-question dataset's.
+    single = syn.generate_dataset(tmp_path / "single", n_train=6, n_val=0, n_test=0, image_size=64, seed=3)
+    firsts = [(r["id"], r["prompt"], r["answer"]) for r in _read_jsonl(single["train_samples"])]
+    assert firsts == [(r["id"], r["prompt"], r["answer"]) for r in _read_jsonl(paths["train_samples"])]
 
 
 @pytest.mark.parametrize(

@@ -150,10 +150,12 @@ class Scene:
 
 @dataclass
 class Sample:
-    """One single-turn chat sample about one scene. `prompt` is the user text that follows the image.
+    """One chat sample about one scene. `prompt` is the user text that follows the image, `answer` the assistant's
+    reply; `follow_ups` are further (question, answer) turns about the same image (multi-question VQA conversations
+    for training, `make_samples(vqa_questions=...)`).
 
-    `answer` is the assistant's reply. Structured ground truth for scoring: `short_answer` for VQA, `box` (pixels) for
-    REC, `boxes` (one per object, caption order) for grounded captions.
+    Structured ground truth for scoring the first turn: `short_answer` for VQA, `box` (pixels) for REC, `boxes` (one
+    per object, caption order) for grounded captions.
     """
 
     id: str
@@ -164,16 +166,17 @@ class Sample:
     short_answer: str | None = None
     box: tuple[int, int, int, int] | None = None
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
+    follow_ups: list[tuple[str, str]] = field(default_factory=list)
 
     def to_official(self, image_path: str) -> dict[str, Any]:
         """The sample in the original Qwen-VL fine-tuning format, the image referenced by `image_path`."""
-        return {
-            "id": self.id,
-            "conversations": [
-                {"from": "user", "value": f"Picture 1: <img>{image_path}</img>\n{self.prompt}"},
-                {"from": "assistant", "value": self.answer},
-            ],
-        }
+        conversations = [
+            {"from": "user", "value": f"Picture 1: <img>{image_path}</img>\n{self.prompt}"},
+            {"from": "assistant", "value": self.answer},
+        ]
+        for prompt, answer in self.follow_ups:
+            conversations += [{"from": "user", "value": prompt}, {"from": "assistant", "value": answer}]
+        return {"id": self.id, "conversations": conversations}
 
 
 @dataclass
@@ -442,6 +445,21 @@ def _draw_vqa(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
     return qtype, question, answer
 
 
+def _follow_up_questions(scene: Scene, first_question: str, n: int) -> list[tuple[str, str]]:
+    """Up to `n` more (prompt, answer) VQA turns, drawn as `_draw_vqa` draws, none repeating an earlier question (a
+    scene with few objects may have fewer distinct questions)."""
+    rng = np.random.default_rng([scene.seed, 2])  # a stream of its own: the first turn stays what it was
+    asked, turns = {first_question}, []
+    for _ in range(8 * n):  # enough draws to find n distinct questions whenever a scene has them
+        if len(turns) == n:
+            break
+        _, question, answer = _draw_vqa(scene, rng)
+        if question not in asked:
+            asked.add(question)
+            turns.append((VQA_PROMPT.format(question=question), answer))
+    return turns
+
+
 def check_tasks(tasks: Sequence[str], where: str = "tasks") -> None:
     """Raise a ValueError naming `where` (e.g. a recipe field) when `tasks` holds a name outside `TASKS`."""
     unknown = [t for t in tasks if t not in TASKS]
@@ -449,9 +467,18 @@ def check_tasks(tasks: Sequence[str], where: str = "tasks") -> None:
         raise ValueError(f"{where}: unknown task(s) {unknown}; expected a subset of {TASKS}")
 
 
-def make_samples(scene: Scene, tasks: tuple[str, ...] = TASKS, id_prefix: str | None = None) -> list[Sample]:
-    """One sample per task for `scene` (VQA question type and REC target drawn from the scene seed)."""
+def make_samples(scene: Scene, tasks: tuple[str, ...] = TASKS, id_prefix: str | None = None,
+                 vqa_questions: int = 1) -> list[Sample]:
+    """One sample per task for `scene` (VQA question type and REC target drawn from the scene seed).
+
+    `vqa_questions` > 1 makes the VQA sample a conversation of that many distinct questions about the image: the
+    first is the one a single-question sample asks, the rest follow as further turns. A VQA answer is a token or two
+    after the ~70 tokens of image and template, so each extra question adds supervision at a fraction of a row's
+    cost (the demo's training split; evaluation asks one question per image).
+    """
     check_tasks(tasks)
+    if not isinstance(vqa_questions, int) or isinstance(vqa_questions, bool) or vqa_questions < 1:
+        raise ValueError(f"vqa_questions must be an integer >= 1, got {vqa_questions!r}")
     rng = np.random.default_rng([scene.seed, 1])
     # Draw both choices up front so that the subset of tasks does not change either of them.
     qtype, question, short = _draw_vqa(scene, rng)
@@ -467,7 +494,8 @@ def make_samples(scene: Scene, tasks: tuple[str, ...] = TASKS, id_prefix: str | 
             samples.append(Sample(sid, task, GROUNDED_CAPTION_PROMPT, caption(scene, grounded=True), boxes=boxes))
         elif task == "vqa":
             prompt = VQA_PROMPT.format(question=question)
-            samples.append(Sample(sid, task, prompt, short, qtype=qtype, short_answer=short))
+            follow_ups = _follow_up_questions(scene, question, vqa_questions - 1) if vqa_questions > 1 else []
+            samples.append(Sample(sid, task, prompt, short, qtype=qtype, short_answer=short, follow_ups=follow_ups))
         else:
             ref = REC_PROMPT.format(expression=target.expression)
             answer = ref + format_box(target.box, scene.image_size)
@@ -609,8 +637,12 @@ def generate_dataset(
     n_test: int,
     image_size: int = 112,
     seed: int = 0,
+    vqa_questions: int = 1,
 ) -> dict[str, Path]:
     """Write the synthetic dataset under `out_dir`; `n_*` count scenes (images), each giving one sample per task.
+
+    `vqa_questions`: questions per VQA conversation in the training split (`make_samples`); validation and test
+    samples always ask one, the protocol their evaluation scores.
 
     Files (image paths inside them are relative to `out_dir`):
 
@@ -619,7 +651,7 @@ def generate_dataset(
       `Picture 1: <img>images/...png</img>\\n` in the user value), usable as is by the original `finetune.py`.
     - `<split>_samples.jsonl`: every sample with its structured ground truth, for evaluation: `id`, `task`, `qtype`,
       `image`, `image_size` ([w, h]), `prompt`, `answer` (full assistant text), `short_answer` (VQA), `box` (REC,
-      pixels), `boxes` (grounded captions, pixels).
+      pixels), `boxes` (grounded captions, pixels), `follow_ups` (later `[prompt, answer]` turns, or null).
     - `<split>_preference.jsonl`: `id`, `task`, `image`, `prompt`, `chosen`, `rejected` (two pairs per scene).
     - `<split>_ppo.jsonl`: the VQA and REC prompts with what a programmatic reward needs: `id`, `task`, `image`,
       `image_size`, `prompt`, `reference` (full expected reply), `answer` (VQA short answer, else null) and `box` (REC
@@ -638,6 +670,8 @@ def generate_dataset(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be an integer >= {MIN_IMAGE_SIZE}, got {image_size!r}")
+    if not isinstance(vqa_questions, int) or isinstance(vqa_questions, bool) or vqa_questions < 1:
+        raise ValueError(f"vqa_questions must be an integer >= 1, got {vqa_questions!r}")
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -652,7 +686,8 @@ def generate_dataset(
             scene.image.save(out / image_path, format="PNG", optimize=False)
             size = list(scene.image_size)
             scene_rows.append({"image": image_path, **scene.to_dict()})
-            for sample in make_samples(scene, id_prefix=name):
+            questions = vqa_questions if split == "train" else 1
+            for sample in make_samples(scene, id_prefix=name, vqa_questions=questions):
                 official.append(sample.to_official(image_path))
                 samples_rows.append(
                     {
@@ -666,6 +701,7 @@ def generate_dataset(
                         "short_answer": sample.short_answer,
                         "box": list(sample.box) if sample.box else None,
                         "boxes": [list(b) for b in sample.boxes] or None,
+                        "follow_ups": [list(turn) for turn in sample.follow_ups] or None,
                     }
                 )
                 if sample.task in ("vqa", "rec"):
@@ -715,6 +751,7 @@ def generate_dataset(
             "generator": "qwenvl.data.synthetic",
             "seed": seed,
             "image_size": image_size,
+            "vqa_questions": {"train": vqa_questions, "val": 1, "test": 1},
             "splits": info_splits,
             "tasks": list(TASKS),
             "vqa_types": list(VQA_TYPES),
