@@ -445,6 +445,11 @@ def _draw_vqa(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
     return qtype, question, answer
 
 
+def _check_vqa_questions(vqa_questions: int) -> None:
+    if not isinstance(vqa_questions, int) or isinstance(vqa_questions, bool) or vqa_questions < 1:
+        raise ValueError(f"vqa_questions must be an integer >= 1, got {vqa_questions!r}")
+
+
 def _follow_up_questions(scene: Scene, first_question: str, n: int) -> list[tuple[str, str]]:
     """Up to `n` more (prompt, answer) VQA turns, drawn as `_draw_vqa` draws, none repeating an earlier question (a
     scene with few objects may have fewer distinct questions)."""
@@ -477,8 +482,7 @@ def make_samples(scene: Scene, tasks: tuple[str, ...] = TASKS, id_prefix: str | 
     cost (the demo's training split; evaluation asks one question per image).
     """
     check_tasks(tasks)
-    if not isinstance(vqa_questions, int) or isinstance(vqa_questions, bool) or vqa_questions < 1:
-        raise ValueError(f"vqa_questions must be an integer >= 1, got {vqa_questions!r}")
+    _check_vqa_questions(vqa_questions)
     rng = np.random.default_rng([scene.seed, 1])
     # Draw both choices up front so that the subset of tasks does not change either of them.
     qtype, question, short = _draw_vqa(scene, rng)
@@ -670,8 +674,7 @@ def generate_dataset(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be an integer >= {MIN_IMAGE_SIZE}, got {image_size!r}")
-    if not isinstance(vqa_questions, int) or isinstance(vqa_questions, bool) or vqa_questions < 1:
-        raise ValueError(f"vqa_questions must be an integer >= 1, got {vqa_questions!r}")
+    _check_vqa_questions(vqa_questions)
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
