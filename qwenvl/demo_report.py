@@ -144,8 +144,8 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
                      f"{_fmt(row['grounded_cider'])} | {_fmt(row['nll'])} | {_fmt(row['seconds'], 0)} |")
     digits = vision.get("token_digit_accuracy")
     digits = "" if digits is None else f", coordinate digits from image tokens {_fmt(digits)}"
-    questions = records.get("data", {}).get("vqa_questions", 1)
-    questions = f" ({questions} questions per training VQA conversation)" if questions > 1 else ""
+    n_questions = records.get("data", {}).get("vqa_questions", 1)
+    questions = f" ({n_questions} questions per training VQA conversation)" if n_questions > 1 else ""
     lines += [
         "",
         f"Test split, {n_eval if n_eval is not None else '?'} samples per task for REC (Acc@0.5: first box parsed, "

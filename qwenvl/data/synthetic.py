@@ -498,7 +498,7 @@ def make_samples(scene: Scene, tasks: tuple[str, ...] = TASKS, id_prefix: str | 
             samples.append(Sample(sid, task, GROUNDED_CAPTION_PROMPT, caption(scene, grounded=True), boxes=boxes))
         elif task == "vqa":
             prompt = VQA_PROMPT.format(question=question)
-            follow_ups = _follow_up_questions(scene, question, vqa_questions - 1) if vqa_questions > 1 else []
+            follow_ups = _follow_up_questions(scene, question, vqa_questions - 1)
             samples.append(Sample(sid, task, prompt, short, qtype=qtype, short_answer=short, follow_ups=follow_ups))
         else:
             ref = REC_PROMPT.format(expression=target.expression)
