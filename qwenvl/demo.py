@@ -131,6 +131,15 @@ def _coordinate_digits(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack((normalised // 100, normalised // 10 % 10), dim=-1).flatten(-2)
 
 
+def _attribute_targets(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`PATCH_CLASSES` indices -> (colour index, noun index): the two words an object is asked about by, each a
+    class of its own so that the image tokens hold a noun direction shared by every colour (and vice versa)."""
+    from .data.synthetic import PATCH_CLASSES, COLORS
+
+    nouns = len(PATCH_CLASSES) // len(COLORS)
+    return classes // nouns, classes % nouns
+
+
 def _chat_texts(rows: list[dict]) -> list[str]:
     """The rows as the model reads them (chat template included), so the template's words get merges too: trained
     on the bare prompts and answers, the vocabulary split "system", "assistant" and the default system prompt into
@@ -248,7 +257,7 @@ class Demo:
         import torch.nn.functional as F
         from transformers import AutoModelForCausalLM
 
-        from .data.synthetic import PATCH_CLASSES
+        from .data.synthetic import COLORS, PATCH_CLASSES
         from .modeling_qwenvl import get_2d_sincos_pos_embed
 
         recipe = self.recipe["vision"]
@@ -267,7 +276,12 @@ class Demo:
         test_token_classes, test_token_boxes = _cell_targets(test_classes, test_boxes, cells)
         background = len(PATCH_CLASSES)
         digits = recipe.get("coordinate_digits", False)
-        outputs = background + 1 + 4 + (COORDINATE_DIGITS * 10 if digits else 0)
+        attribute_weight = float(recipe.get("attribute_weight", 0.0))
+        attributes = attribute_weight > 0
+        n_colors = len(COLORS)
+        n_nouns = background // n_colors
+        outputs = (background + 1 + 4 + (COORDINATE_DIGITS * 10 if digits else 0)
+                   + (n_colors + n_nouns if attributes else 0))
         patch_head = torch.nn.Linear(table.shape[1], outputs)
         token_head = torch.nn.Linear(vit.proj.shape[1], outputs)
         device = torch.device(self.device)  # where `_patch_batches` put the scenes and targets
@@ -280,18 +294,26 @@ class Demo:
         generator = torch.Generator().manual_seed(self.seed)
 
         def split(out):
-            """A head's output: class logits, box, and (with `coordinate_digits`) ten logits per coordinate digit."""
-            digit_logits = out[..., background + 5 :].unflatten(-1, (COORDINATE_DIGITS, 10)) if digits else None
-            return out[..., : background + 1], out[..., background + 1 : background + 5], digit_logits
+            """A head's output: class logits, box, (with `coordinate_digits`) ten logits per coordinate digit and (with
+            `attribute_targets`) colour and noun logits."""
+            start = background + 5
+            digit_logits = out[..., start : start + COORDINATE_DIGITS * 10].unflatten(-1, (COORDINATE_DIGITS, 10)) \
+                if digits else None
+            start += COORDINATE_DIGITS * 10 if digits else 0
+            attribute_logits = (out[..., start : start + n_colors], out[..., start + n_colors :]) if attributes else None
+            return out[..., : background + 1], out[..., background + 1 : background + 5], digit_logits, attribute_logits
 
         def loss_of(out, target_classes, target_boxes):
             on_object = target_classes != background
-            class_logits, box, digit_logits = split(out)
+            class_logits, box, digit_logits, attribute_logits = split(out)
             class_loss = F.cross_entropy(class_logits.flatten(0, 1), target_classes.flatten())
             loss = class_loss + 4.0 * F.l1_loss(box[on_object], target_boxes[on_object])
             if digits:
                 wanted = _coordinate_digits(target_boxes[on_object])
                 loss = loss + F.cross_entropy(digit_logits[on_object].flatten(0, 1), wanted.flatten())
+            if attributes:
+                for logits, wanted in zip(attribute_logits, _attribute_targets(target_classes[on_object])):
+                    loss = loss + attribute_weight * F.cross_entropy(logits[on_object], wanted)
             return loss
 
         losses = []
@@ -328,6 +350,12 @@ class Demo:
             predicted = split(token_out)[2][on_token_object].argmax(-1)
             wanted = _coordinate_digits(test_token_boxes[on_token_object])
             record["token_digit_accuracy"] = float((predicted == wanted).float().mean())
+        if attributes:
+            on_token_object = test_token_classes != background
+            colors, nouns = _attribute_targets(test_token_classes[on_token_object])
+            color_logits, noun_logits = split(token_out)[3]
+            record["token_color_accuracy"] = float((color_logits[on_token_object].argmax(-1) == colors).float().mean())
+            record["token_noun_accuracy"] = float((noun_logits[on_token_object].argmax(-1) == nouns).float().mean())
         model.to("cpu").save_pretrained(self.paths.vision)
         processor.save_pretrained(self.paths.vision)
         return record
