@@ -144,6 +144,9 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
                      f"{_fmt(row['grounded_cider'])} | {_fmt(row['nll'])} | {_fmt(row['seconds'], 0)} |")
     digits = vision.get("token_digit_accuracy")
     digits = "" if digits is None else f", coordinate digits from image tokens {_fmt(digits)}"
+    if vision.get("token_noun_accuracy") is not None:
+        digits += (f", colour {_fmt(vision.get('token_color_accuracy'))} and noun "
+                   f"{_fmt(vision['token_noun_accuracy'])} from image tokens")
     n_questions = records.get("data", {}).get("vqa_questions", 1)
     questions = f" ({n_questions} questions per training VQA conversation)" if n_questions > 1 else ""
     lines += [

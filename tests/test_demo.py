@@ -65,6 +65,8 @@ def test_vision_pretraining_changes_only_the_vision_tower(demo_dir):
         assert 0.0 <= vision[key] <= 1.0
     assert vision["box_error"] >= 0.0
     assert 0.0 <= vision["token_digit_accuracy"] <= 1.0  # the recipe's coordinate_digits targets
+    assert 0.0 <= vision["token_color_accuracy"] <= 1.0 and 0.0 <= vision["token_noun_accuracy"] <= 1.0  # attributes
+    assert "noun" in (demo_dir / "report.md").read_text()
     before = load_file(demo_dir / "init" / "model.safetensors")
     after = load_file(demo_dir / "vision" / "model.safetensors")
     changed = {name for name in before if not torch.equal(before[name], after[name])}
@@ -219,6 +221,19 @@ def test_coordinate_digit_targets_are_the_characters_the_box_text_starts_each_co
     written = re.findall(r"\d+", format_box(box, (112, 112)))  # <box>(250,303),(464,991)</box>
     assert digits == [int(c) for value in written for c in value.zfill(3)[:2]]
     assert digits == [2, 5, 3, 0, 4, 6, 9, 9]
+
+
+def test_attribute_targets_split_every_object_class_into_its_colour_and_its_noun():
+    from qwenvl.data.synthetic import COLORS, PATCH_CLASSES, SHAPES
+    from qwenvl.demo import _attribute_targets
+
+    colors, nouns = _attribute_targets(torch.arange(len(PATCH_CLASSES)))
+    names = list(COLORS)
+    noun_names = [*SHAPES, *(f"digit {d}" for d in range(10))]
+    assert [f"{names[c]} {noun_names[n]}" for c, n in zip(colors.tolist(), nouns.tolist())] == list(PATCH_CLASSES)
+    # "the triangle" is one noun class whatever its colour: what a colour question looks the object up by
+    triangles = [i for i, name in enumerate(PATCH_CLASSES) if name.endswith(" triangle")]
+    assert len(triangles) == len(COLORS) and len(set(nouns[triangles].tolist())) == 1
 
 
 def test_bf16_autocast_is_opt_in_from_the_command_line(monkeypatch, tmp_path):
