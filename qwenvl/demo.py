@@ -279,7 +279,7 @@ class Demo:
         test_token_classes, test_token_boxes = _cell_targets(test_classes, test_boxes, cells)
         background = len(PATCH_CLASSES)
         digits = recipe.get("coordinate_digits", False)
-        attribute_weight = float(recipe.get("attribute_weight", 0.0))
+        attribute_weight = self.attribute_weight()
         attributes = attribute_weight > 0
         n_colors = len(COLORS)
         n_nouns = background // n_colors
@@ -298,7 +298,7 @@ class Demo:
 
         def split(out):
             """A head's output: class logits, box, (with `coordinate_digits`) ten logits per coordinate digit and (with
-            `attribute_targets`) colour and noun logits."""
+            `attribute_weight`) colour and noun logits."""
             start = background + 5
             digit_logits = out[..., start : start + COORDINATE_DIGITS * 10].unflatten(-1, (COORDINATE_DIGITS, 10)) \
                 if digits else None
@@ -422,6 +422,14 @@ class Demo:
         return {**mixed, "losses": losses, "metrics": refreshed["metrics"],
                 "focus": {"tasks": list(tasks), "train_loss": focused["train_loss"], "n_rows": focused["n_rows"]},
                 "refresh": {"train_loss": refreshed["train_loss"], "n_rows": refreshed["n_rows"]}}
+
+    def attribute_weight(self) -> float:
+        """The vision stage's `attribute_weight`, checked: `run` calls this before any stage, like `focus_tasks`."""
+        weight = self.recipe["vision"].get("attribute_weight", 0.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ValueError(f"recipe vision.attribute_weight must be a number >= 0 (0: no colour and noun heads), "
+                             f"got {weight!r}")
+        return float(weight)
 
     def focus_tasks(self) -> tuple[str, ...]:
         """Stage 2's focus tasks, checked: `run` calls this before any stage, so a typo costs no training."""
@@ -564,6 +572,7 @@ class Demo:
 
     def run(self) -> dict:
         self.focus_tasks()
+        self.attribute_weight()
         for stage in STAGES:
             folder = getattr(self.paths, stage)
             record = _done(folder)

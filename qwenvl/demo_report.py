@@ -142,11 +142,11 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
     for row in table:
         lines.append(f"| {row['stage']} | {_fmt(row['rec'])} | {_fmt(row['vqa'])} | {_fmt(row['cider'])} | "
                      f"{_fmt(row['grounded_cider'])} | {_fmt(row['nll'])} | {_fmt(row['seconds'], 0)} |")
-    digits = vision.get("token_digit_accuracy")
-    digits = "" if digits is None else f", coordinate digits from image tokens {_fmt(digits)}"
+    token_reads = vision.get("token_digit_accuracy")
+    token_reads = "" if token_reads is None else f", coordinate digits from image tokens {_fmt(token_reads)}"
     if vision.get("token_noun_accuracy") is not None:
-        digits += (f", colour {_fmt(vision.get('token_color_accuracy'))} and noun "
-                   f"{_fmt(vision['token_noun_accuracy'])} from image tokens")
+        token_reads += (f", colour {_fmt(vision.get('token_color_accuracy'))} and noun "
+                        f"{_fmt(vision['token_noun_accuracy'])} from image tokens")
     n_questions = records.get("data", {}).get("vqa_questions", 1)
     questions = f" ({n_questions} questions per training VQA conversation)" if n_questions > 1 else ""
     lines += [
@@ -162,7 +162,7 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
         f"{_fmt(records.get('data', {}).get('seconds'), 0)} |",
         f"| vision pre-training | object class from patches {_fmt(vision.get('object_patch_accuracy'))}, from image "
         f"tokens {_fmt(vision.get('object_token_accuracy'))}, box error "
-        f"{_fmt(vision.get('box_error'))} of the image side{digits} (test scenes) | "
+        f"{_fmt(vision.get('box_error'))} of the image side{token_reads} (test scenes) | "
         f"{_fmt(vision.get('seconds'), 0)} |",
         f"| reward model | held-out pairwise accuracy {_fmt(pairwise)} | {_fmt(reward.get('seconds'), 0)} |",
         f"| PPO-ptx | held-out mean reward {_fmt(ppo.get('reward_sft'))} (SFT) → {_fmt(ppo.get('reward_ppo'))} (PPO) | "

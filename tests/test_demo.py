@@ -105,6 +105,17 @@ def test_stage_two_has_a_phase_on_the_focus_tasks_only_then_a_refresh_on_every_t
     assert "| stage 2: multi-task SFT, then REC only, then all tasks |" in (demo_dir / "report.md").read_text()
 
 
+@pytest.mark.parametrize("weight", [-0.3, "0.3", True, float("nan")])
+def test_a_bad_attribute_weight_is_refused_before_any_stage(tmp_path, weight):
+    from qwenvl.demo import Demo
+
+    demo = Demo(tmp_path, quick=True)
+    demo.recipe["vision"]["attribute_weight"] = weight
+    with pytest.raises(ValueError, match=r"recipe vision.attribute_weight must be a number >= 0"):
+        demo.run()
+    assert not (tmp_path / "data").exists()
+
+
 def test_a_focus_phase_naming_an_unknown_task_is_refused_before_training(tmp_path):
     from qwenvl.demo import Demo
 
