@@ -348,17 +348,15 @@ class Demo:
         record = {"losses": losses, "object_patch_accuracy": accuracy(patch_out, test_classes),
                   "object_token_accuracy": accuracy(token_out, test_token_classes), "box_error": float(box_error),
                   "n_scenes": len(pixels)}
+        on_token_object = test_token_classes != background
         if digits:
-            on_token_object = test_token_classes != background
             predicted = split(token_out)[2][on_token_object].argmax(-1)
             wanted = _coordinate_digits(test_token_boxes[on_token_object])
             record["token_digit_accuracy"] = float((predicted == wanted).float().mean())
         if attributes:
-            on_token_object = test_token_classes != background
-            colors, nouns = _attribute_targets(test_token_classes[on_token_object])
-            color_logits, noun_logits = split(token_out)[3]
-            record["token_color_accuracy"] = float((color_logits[on_token_object].argmax(-1) == colors).float().mean())
-            record["token_noun_accuracy"] = float((noun_logits[on_token_object].argmax(-1) == nouns).float().mean())
+            wanted = _attribute_targets(test_token_classes[on_token_object])
+            for name, logits, target in zip(("color", "noun"), split(token_out)[3], wanted):
+                record[f"token_{name}_accuracy"] = float((logits[on_token_object].argmax(-1) == target).float().mean())
         model.to("cpu").save_pretrained(self.paths.vision)
         processor.save_pretrained(self.paths.vision)
         return record
