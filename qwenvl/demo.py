@@ -188,9 +188,10 @@ class Demo:
 
         data = self.recipe["data"]
         generate_dataset(self.paths.data, data["n_train"], data["n_val"], data["n_test"], image_size=data["canvas"],
-                         seed=self.seed, vqa_questions=data["vqa_questions"])
+                         seed=self.seed, vqa_questions=data["vqa_questions"],
+                         minimal_rec_share=data["minimal_rec_share"])
         return {"n_train_scenes": data["n_train"], "n_test_scenes": data["n_test"],
-                "vqa_questions": data["vqa_questions"]}
+                "vqa_questions": data["vqa_questions"], "minimal_rec_share": data["minimal_rec_share"]}
 
     def stage_init(self) -> dict:
         from . import QwenVLConfig, QwenVLForConditionalGeneration

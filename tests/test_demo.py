@@ -57,6 +57,18 @@ def test_training_vqa_rows_ask_the_recipes_number_of_questions_and_test_rows_one
     assert f"({questions} questions per training VQA conversation)" in (demo_dir / "report.md").read_text()
 
 
+def test_a_share_of_training_rec_rows_names_the_target_minimally_and_test_rows_never(demo_dir):
+    from qwenvl.data.synthetic import COLORS
+    from qwenvl.demo import CONFIG_PATH
+
+    assert 0 < json.loads(CONFIG_PATH.read_text())["quick"]["data"]["minimal_rec_share"] < 1
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in (demo_dir / "data" / f"{split}_samples.jsonl").read_text().splitlines()]
+        expressions = [row["prompt"].removeprefix("<ref>").removesuffix("</ref>") for row in rows if row["task"] == "rec"]
+        full = [e.split()[1] in COLORS and not e.endswith(" object") for e in expressions]
+        assert all(full) if split == "test" else 0 < full.count(False) < len(full), (split, expressions)
+
+
 def test_vision_pretraining_changes_only_the_vision_tower(demo_dir):
     from safetensors.torch import load_file
 

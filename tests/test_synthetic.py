@@ -29,11 +29,12 @@ def scenes() -> list[syn.Scene]:
 
 
 def _matching(scene: syn.Scene, phrase: str) -> list[syn.SceneObject]:
-    """Objects a definite phrase like "the red circle" / "the blue digit 7" / "the circle" refers to."""
+    """Objects a definite phrase like "the red circle" / "the blue digit 7" / "the circle" / "the red object" refers
+    to."""
     words = phrase.removeprefix("the ").split()
     color = words[0] if words[0] in syn.COLORS else None
     noun = " ".join(words[1:] if color else words)
-    return [o for o in scene.objects if o.noun == noun and (color is None or o.color == color)]
+    return [o for o in scene.objects if noun in (o.noun, "object") and (color is None or o.color == color)]
 
 
 def _only(scene: syn.Scene, phrase: str) -> syn.SceneObject:
@@ -266,6 +267,74 @@ def test_the_number_of_vqa_questions_must_be_a_positive_integer(bad, tmp_path):
         syn.make_samples(syn.make_scene(0), vqa_questions=bad)
     with pytest.raises(ValueError, match="vqa_questions"):
         syn.generate_dataset(tmp_path, n_train=1, n_val=0, n_test=0, vqa_questions=bad)
+
+
+def test_the_minimal_expression_is_the_shortest_phrase_naming_its_object_alone(scenes):
+    kinds = set()
+    for scene in scenes:
+        for target in scene.objects:
+            phrase = syn.minimal_expression(scene, target)
+            assert _only(scene, phrase) is target, (scene.seed, phrase)
+            nouns = [o.noun for o in scene.objects]
+            colors = [o.color for o in scene.objects]
+            if nouns.count(target.noun) == 1:
+                kind = "noun"
+                assert phrase == f"the {target.noun}"
+            elif colors.count(target.color) == 1:
+                kind = "colour"
+                assert phrase == f"the {target.color} object"
+            else:
+                kind = "full"
+                assert phrase == target.expression
+            kinds.add(kind)
+    assert kinds == {"noun", "colour", "full"}
+
+
+def test_minimal_rec_share_renames_that_share_of_rec_targets_and_changes_nothing_else(scenes):
+    renamed = 0
+    for scene in scenes:
+        full = {s.task: s for s in syn.make_samples(scene)}
+        assert syn.make_samples(scene, minimal_rec_share=0.0) == list(full.values())
+        always = {s.task: s for s in syn.make_samples(scene, minimal_rec_share=1.0)}
+        half = {s.task: s for s in syn.make_samples(scene, minimal_rec_share=0.5)}
+        assert {t: s for t, s in half.items() if t != "rec"} == {t: s for t, s in full.items() if t != "rec"}
+        target = _only(scene, full["rec"].prompt.removeprefix("<ref>").removesuffix("</ref>"))
+        # Same target and box, named by the minimal phrase in the prompt and in the answer's ref.
+        short = syn.minimal_expression(scene, target)
+        assert always["rec"].prompt == f"<ref>{short}</ref>" and always["rec"].box == full["rec"].box == target.box
+        assert always["rec"].answer == always["rec"].prompt + full["rec"].answer.removeprefix(full["rec"].prompt)
+        assert half["rec"] in (full["rec"], always["rec"])
+        renamed += half["rec"] == always["rec"] and half["rec"] != full["rec"]
+    assert syn.make_samples(scenes[0], minimal_rec_share=0.5) == syn.make_samples(scenes[0], minimal_rec_share=0.5)
+    changeable = sum(syn.make_samples(s, minimal_rec_share=1.0)[2] != syn.make_samples(s)[2] for s in scenes)
+    assert 0.35 * changeable < renamed < 0.65 * changeable
+
+
+def test_only_the_training_split_gets_minimal_rec_expressions(tmp_path):
+    paths = syn.generate_dataset(tmp_path, n_train=12, n_val=6, n_test=6, image_size=64, seed=2, minimal_rec_share=1.0)
+    info = json.loads(paths["info"].read_text(encoding="utf-8"))
+    assert info["minimal_rec_share"] == {"train": 1.0, "val": 0.0, "test": 0.0}
+    renamed = 0
+    for split in syn.SPLITS:
+        scenes = {row["image"]: row for row in _read_jsonl(paths[f"{split}_scenes"])}
+        for sample in _read_jsonl(paths[f"{split}_samples"]):
+            if sample["task"] != "rec":
+                continue
+            scene = syn.make_scene(scenes[sample["image"]]["seed"], 64)
+            target = next(o for o in scene.objects if list(o.box) == sample["box"])
+            expected = syn.minimal_expression(scene, target) if split == "train" else target.expression
+            assert sample["prompt"] == f"<ref>{expected}</ref>", (split, sample["id"])
+            renamed += expected != target.expression
+    assert renamed > 0
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), True, "0.5", None])
+def test_the_minimal_rec_share_must_be_a_probability(bad, tmp_path):
+    with pytest.raises(ValueError, match="minimal_rec_share"):
+        syn.make_samples(syn.make_scene(0), minimal_rec_share=bad)
+    with pytest.raises(ValueError, match="minimal_rec_share"):
+        syn.generate_dataset(tmp_path, n_train=1, n_val=0, n_test=0, minimal_rec_share=bad)
+    assert not any(tmp_path.iterdir())  # checked before anything is written
 
 
 def test_preference_pairs_prefer_the_correct_answer(scenes):

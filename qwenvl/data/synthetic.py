@@ -22,7 +22,9 @@ Tasks (one chat sample each: user text after the image, assistant answer), promp
 - `rec` (referring-expression comprehension): the user text is the expression alone in ref tags, as in the original
   grounding evaluation, `<ref>the red circle</ref>`, and the answer repeats it with the box:
   `<ref>the red circle</ref><box>(x1,y1),(x2,y2)</box>` (coordinates by `qwenvl.grounding.format_box`).
-  Train and evaluation use this same prompt.
+  Train and evaluation use this same prompt. Optionally (`minimal_rec_share`, training split only) a share of the
+  REC samples name their object by the shortest unique phrase instead, "the circle" or "the red object"
+  (`minimal_expression`).
 - `grounded_caption`: "Generate the caption in English with grounding:" -> the caption with every object phrase as
   `<ref>a red circle</ref><box>(..),(..)</box>`.
 
@@ -419,6 +421,20 @@ def _vqa_candidates(scene: Scene) -> dict[str, list[tuple[str, str]]]:
     return {t: pairs for t, pairs in out.items() if pairs}
 
 
+def minimal_expression(scene: Scene, target: SceneObject) -> str:
+    """The shortest phrase that names `target` alone in `scene`: "the <noun>" when no other object shares its noun,
+    else "the <color> object" when none shares its colour, else the full "the <color> <noun>".
+
+    Trained only on full expressions, a model can place a box from the colour word alone wherever the colour is
+    unique, and never learns to find an object by its noun; these phrases make each word carry the lookup alone.
+    """
+    if _unique([o.noun for o in scene.objects], target.noun):
+        return f"the {target.noun}"
+    if _unique([o.color for o in scene.objects], target.color):
+        return f"the {target.color} object"
+    return target.expression
+
+
 def _pick(rng: np.random.Generator, items: list[Any]) -> Any:
     return items[int(rng.integers(len(items)))]
 
@@ -465,6 +481,11 @@ def _follow_up_questions(scene: Scene, first_question: str, n: int) -> list[tupl
     return turns
 
 
+def _check_minimal_rec_share(share: float) -> None:
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise ValueError(f"minimal_rec_share must be a number in [0, 1], got {share!r}")
+
+
 def check_tasks(tasks: Sequence[str], where: str = "tasks") -> None:
     """Raise a ValueError naming `where` (e.g. a recipe field) when `tasks` holds a name outside `TASKS`."""
     unknown = [t for t in tasks if t not in TASKS]
@@ -473,20 +494,28 @@ def check_tasks(tasks: Sequence[str], where: str = "tasks") -> None:
 
 
 def make_samples(scene: Scene, tasks: tuple[str, ...] = TASKS, id_prefix: str | None = None,
-                 vqa_questions: int = 1) -> list[Sample]:
+                 vqa_questions: int = 1, minimal_rec_share: float = 0.0) -> list[Sample]:
     """One sample per task for `scene` (VQA question type and REC target drawn from the scene seed).
 
     `vqa_questions` > 1 makes the VQA sample a conversation of that many distinct questions about the image: the
     first is the one a single-question sample asks, the rest follow as further turns. A VQA answer is a token or two
     after the ~70 tokens of image and template, so each extra question adds supervision at a fraction of a row's
     cost (the demo's training split; evaluation asks one question per image).
+
+    `minimal_rec_share`: the probability (drawn per scene from its seed) that the REC sample names its target by
+    `minimal_expression` instead of the full expression; the target and box stay the same. 0 (the default) and
+    evaluation splits keep the full expression the protocol scores.
     """
     check_tasks(tasks)
     _check_vqa_questions(vqa_questions)
+    _check_minimal_rec_share(minimal_rec_share)
     rng = np.random.default_rng([scene.seed, 1])
     # Draw both choices up front so that the subset of tasks does not change either of them.
     qtype, question, short = _draw_vqa(scene, rng)
     target = _pick(rng, scene.objects)
+    # A stream of its own, so that the share changes no other draw (and a share of 0 draws nothing).
+    minimal = minimal_rec_share > 0 and np.random.default_rng([scene.seed, 3]).random() < minimal_rec_share
+    expression = minimal_expression(scene, target) if minimal else target.expression
     prefix = id_prefix if id_prefix is not None else f"scene{scene.seed}"
     samples = []
     for task in tasks:
@@ -501,7 +530,7 @@ def make_samples(scene: Scene, tasks: tuple[str, ...] = TASKS, id_prefix: str | 
             follow_ups = _follow_up_questions(scene, question, vqa_questions - 1)
             samples.append(Sample(sid, task, prompt, short, qtype=qtype, short_answer=short, follow_ups=follow_ups))
         else:
-            ref = REC_PROMPT.format(expression=target.expression)
+            ref = REC_PROMPT.format(expression=expression)
             answer = ref + format_box(target.box, scene.image_size)
             samples.append(Sample(sid, task, ref, answer, box=target.box))
     return samples
@@ -642,11 +671,13 @@ def generate_dataset(
     image_size: int = 112,
     seed: int = 0,
     vqa_questions: int = 1,
+    minimal_rec_share: float = 0.0,
 ) -> dict[str, Path]:
     """Write the synthetic dataset under `out_dir`; `n_*` count scenes (images), each giving one sample per task.
 
-    `vqa_questions`: questions per VQA conversation in the training split (`make_samples`); validation and test
-    samples always ask one, the protocol their evaluation scores.
+    `vqa_questions` and `minimal_rec_share` shape the training split only (`make_samples`); validation and test
+    samples always ask one question and name REC targets by the full expression, the protocol their evaluation
+    scores.
 
     Files (image paths inside them are relative to `out_dir`):
 
@@ -675,6 +706,7 @@ def generate_dataset(
     if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be an integer >= {MIN_IMAGE_SIZE}, got {image_size!r}")
     _check_vqa_questions(vqa_questions)
+    _check_minimal_rec_share(minimal_rec_share)
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -689,8 +721,9 @@ def generate_dataset(
             scene.image.save(out / image_path, format="PNG", optimize=False)
             size = list(scene.image_size)
             scene_rows.append({"image": image_path, **scene.to_dict()})
-            questions = vqa_questions if split == "train" else 1
-            for sample in make_samples(scene, id_prefix=name, vqa_questions=questions):
+            train = split == "train"
+            for sample in make_samples(scene, id_prefix=name, vqa_questions=vqa_questions if train else 1,
+                                       minimal_rec_share=minimal_rec_share if train else 0.0):
                 official.append(sample.to_official(image_path))
                 samples_rows.append(
                     {
@@ -755,6 +788,7 @@ def generate_dataset(
             "seed": seed,
             "image_size": image_size,
             "vqa_questions": {"train": vqa_questions, "val": 1, "test": 1},
+            "minimal_rec_share": {"train": minimal_rec_share, "val": 0.0, "test": 0.0},
             "splits": info_splits,
             "tasks": list(TASKS),
             "vqa_types": list(VQA_TYPES),
@@ -793,6 +827,7 @@ __all__ = [
     "make_scene",
     "caption",
     "check_tasks",
+    "minimal_expression",
     "make_samples",
     "make_preference_pairs",
     "PATCH_CLASSES",
