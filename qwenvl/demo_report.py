@@ -148,7 +148,11 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
         token_reads += (f", colour {_fmt(vision.get('token_color_accuracy'))} and noun "
                         f"{_fmt(vision['token_noun_accuracy'])} from image tokens")
     n_questions = records.get("data", {}).get("vqa_questions", 1)
-    questions = f" ({n_questions} questions per training VQA conversation)" if n_questions > 1 else ""
+    minimal_share = records.get("data", {}).get("minimal_rec_share", 0.0)
+    shaping = [f"{n_questions} questions per training VQA conversation"] if n_questions > 1 else []
+    if minimal_share > 0:
+        shaping.append(f"{minimal_share:.0%} of training REC rows name their object by the shortest unique phrase")
+    questions = f" ({'; '.join(shaping)})" if shaping else ""
     lines += [
         "",
         f"Test split, {n_eval if n_eval is not None else '?'} samples per task for REC (Acc@0.5: first box parsed, "

@@ -57,16 +57,20 @@ def test_training_vqa_rows_ask_the_recipes_number_of_questions_and_test_rows_one
     assert f"({questions} questions per training VQA conversation)" in (demo_dir / "report.md").read_text()
 
 
-def test_a_share_of_training_rec_rows_names_the_target_minimally_and_test_rows_never(demo_dir):
+def test_the_data_follow_the_recipes_minimal_rec_share_and_test_rows_keep_the_full_expression(demo_dir):
     from qwenvl.data.synthetic import COLORS
     from qwenvl.demo import CONFIG_PATH
 
-    assert 0 < json.loads(CONFIG_PATH.read_text())["quick"]["data"]["minimal_rec_share"] < 1
+    share = json.loads(CONFIG_PATH.read_text())["quick"]["data"]["minimal_rec_share"]
+    info = json.loads((demo_dir / "data" / "dataset_info.json").read_text())
+    assert info["minimal_rec_share"] == {"train": share, "val": 0.0, "test": 0.0}
+    assert json.loads((demo_dir / "data" / "done.json").read_text())["minimal_rec_share"] == share
     for split in ("train", "test"):
         rows = [json.loads(line) for line in (demo_dir / "data" / f"{split}_samples.jsonl").read_text().splitlines()]
         expressions = [row["prompt"].removeprefix("<ref>").removesuffix("</ref>") for row in rows if row["task"] == "rec"]
         full = [e.split()[1] in COLORS and not e.endswith(" object") for e in expressions]
-        assert all(full) if split == "test" else 0 < full.count(False) < len(full), (split, expressions)
+        if split == "test" or share == 0:
+            assert expressions and all(full), (split, expressions)
 
 
 def test_vision_pretraining_changes_only_the_vision_tower(demo_dir):
@@ -293,3 +297,18 @@ def test_the_report_names_the_cpu_model_not_just_the_architecture():
                  if line.startswith("model name")]
         if names:  # x86 Linux; some ARM kernels list no model name
             assert demo_module.cpu_model() == names[0]
+
+
+def test_the_demo_report_names_how_the_training_data_were_shaped(tmp_path):
+    from qwenvl.demo_report import write_report
+
+    for data, expected in (
+        ({"vqa_questions": 4, "minimal_rec_share": 0.5},
+         "(4 questions per training VQA conversation; 50% of training REC rows name their object by the shortest "
+         "unique phrase)"),
+        ({"vqa_questions": 4, "minimal_rec_share": 0.0}, "(4 questions per training VQA conversation) |"),
+        ({"vqa_questions": 1}, "10 training scenes × 4 tasks |"),
+    ):
+        write_report({"data": {"n_train_scenes": 10, "seconds": 1.0, **data}}, tmp_path / "report.md",
+                     quick=True, machine="test")
+        assert expected in (tmp_path / "report.md").read_text(encoding="utf-8")
