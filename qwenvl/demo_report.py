@@ -128,6 +128,7 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
     reward = records.get("reward", {})
     vision = records.get("vision", {})
     ppo = records.get("ppo", {})
+    data = records.get("data", {})
     pairwise = (reward.get("metrics") or {}).get("reward", {}).get("accuracy")
     total = sum(r.get("seconds", 0.0) for r in records.values())
     n_eval = ((records.get("sft", {}).get("metrics") or {}).get("rec") or {}).get("n")
@@ -147,8 +148,8 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
     if vision.get("token_noun_accuracy") is not None:
         token_reads += (f", colour {_fmt(vision.get('token_color_accuracy'))} and noun "
                         f"{_fmt(vision['token_noun_accuracy'])} from image tokens")
-    n_questions = records.get("data", {}).get("vqa_questions", 1)
-    minimal_share = records.get("data", {}).get("minimal_rec_share", 0.0)
+    n_questions = data.get("vqa_questions", 1)
+    minimal_share = data.get("minimal_rec_share", 0.0)
     shaping = [f"{n_questions} questions per training VQA conversation"] if n_questions > 1 else []
     if minimal_share > 0:
         shaping.append(f"{minimal_share:.0%} of training REC rows name their object by the shortest unique phrase")
@@ -161,9 +162,9 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
         "",
         "| other stage | result | time (s) |",
         "|---|---|---|",
-        f"| data + tokenizer | {records.get('data', {}).get('n_train_scenes', '?')} training scenes × 4 tasks"
+        f"| data + tokenizer | {data.get('n_train_scenes', '?')} training scenes × 4 tasks"
         f"{questions} | "
-        f"{_fmt(records.get('data', {}).get('seconds'), 0)} |",
+        f"{_fmt(data.get('seconds'), 0)} |",
         f"| vision pre-training | object class from patches {_fmt(vision.get('object_patch_accuracy'))}, from image "
         f"tokens {_fmt(vision.get('object_token_accuracy'))}, box error "
         f"{_fmt(vision.get('box_error'))} of the image side{token_reads} (test scenes) | "
