@@ -474,16 +474,19 @@ class Demo:
             save_strategy="no", report_to=[], bf16=self.bf16, use_cpu=self.device == "cpu", seed=self.seed,
             gradient_checkpointing=False, remove_unused_columns=False,
         )
+        held_out_pairs = self.paths.data / "test_preference.jsonl"
+        n_pairs = self.recipe["eval"]["n_pairs"]
+        # What the pairwise steps add over the SFT model's own likelihood, which already ranks most pairs (README).
+        before = evaluate_reward_model(model.eval(), processor, held_out_pairs, limit=n_pairs)
         collator = QwenVLPreferenceCollator(processor, chat_template_kwargs={"trusted_text": True})
         trainer = QwenVLRewardTrainer(model=model, args=args, train_dataset=self._preference_rows("train"),
                                       processing_class=processor, data_collator=collator)
         result = trainer.train()
         trainer.save_model(str(self.paths.reward))
         processor.save_pretrained(self.paths.reward)
-        held_out = evaluate_reward_model(model.eval(), processor, self.paths.data / "test_preference.jsonl",
-                                         limit=self.recipe["eval"]["n_pairs"])
+        held_out = evaluate_reward_model(model.eval(), processor, held_out_pairs, limit=n_pairs)
         return {"train_loss": result.training_loss, "losses": _losses(trainer.state.log_history),
-                "metrics": held_out["metrics"]}
+                "metrics": held_out["metrics"], "metrics_before_training": before["metrics"]}
 
     def _ppo_rows(self, split: str, limit: int | None = None) -> list[dict]:
         from PIL import Image

@@ -130,6 +130,9 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
     ppo = records.get("ppo", {})
     data = records.get("data", {})
     pairwise = (reward.get("metrics") or {}).get("reward", {}).get("accuracy")
+    untrained_pairwise = (reward.get("metrics_before_training") or {}).get("reward", {}).get("accuracy")
+    before_training = ("" if untrained_pairwise is None else
+                       f" (the SFT model's likelihood before this stage's training: {_fmt(untrained_pairwise)})")
     total = sum(r.get("seconds", 0.0) for r in records.values())
     n_eval = ((records.get("sft", {}).get("metrics") or {}).get("rec") or {}).get("n")
     lines = [
@@ -169,7 +172,8 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
         f"tokens {_fmt(vision.get('object_token_accuracy'))}, box error "
         f"{_fmt(vision.get('box_error'))} of the image side{token_reads} (test scenes) | "
         f"{_fmt(vision.get('seconds'), 0)} |",
-        f"| reward model | held-out pairwise accuracy {_fmt(pairwise)} | {_fmt(reward.get('seconds'), 0)} |",
+        f"| reward model | held-out pairwise accuracy {_fmt(pairwise)}{before_training} | "
+        f"{_fmt(reward.get('seconds'), 0)} |",
         f"| PPO-ptx | held-out mean reward {_fmt(ppo.get('reward_sft'))} (SFT) → {_fmt(ppo.get('reward_ppo'))} (PPO) | "
         f"{_fmt(ppo.get('seconds'), 0)} |",
         "",

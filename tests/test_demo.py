@@ -105,6 +105,15 @@ def test_stage_two_beats_the_untrained_model(demo_dir):
     assert ppo["history"] and all(k in ppo for k in ("reward_sft", "reward_ppo"))
 
 
+def test_the_reward_model_is_scored_before_and_after_its_pairwise_training(demo_dir):
+    reward = json.loads((demo_dir / "reward" / "done.json").read_text())
+    before, after = reward["metrics_before_training"]["reward"], reward["metrics"]["reward"]
+    assert before["n"] == after["n"] > 0  # the same held-out pairs
+    assert 0.0 <= before["accuracy"] <= 1.0 and 0.0 <= after["accuracy"] <= 1.0
+    report = (demo_dir / "report.md").read_text()
+    assert f"before this stage's training: {before['accuracy']:.3f}" in report
+
+
 def test_stage_two_has_a_phase_on_the_focus_tasks_only_then_a_refresh_on_every_task(demo_dir):
     from qwenvl.demo import CONFIG_PATH
 
