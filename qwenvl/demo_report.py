@@ -129,8 +129,8 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
     vision = records.get("vision", {})
     ppo = records.get("ppo", {})
     data = records.get("data", {})
-    pairwise = (reward.get("metrics") or {}).get("reward", {}).get("accuracy")
-    untrained_pairwise = (reward.get("metrics_before_training") or {}).get("reward", {}).get("accuracy")
+    pairwise = _metric(reward.get("metrics") or {}, "reward", "accuracy")
+    untrained_pairwise = _metric(reward.get("metrics_before_training") or {}, "reward", "accuracy")
     before_training = ("" if untrained_pairwise is None else
                        f" (the SFT model's likelihood before this stage's training: {_fmt(untrained_pairwise)})")
     total = sum(r.get("seconds", 0.0) for r in records.values())
@@ -156,7 +156,7 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
     shaping = [f"{n_questions} questions per training VQA conversation"] if n_questions > 1 else []
     if minimal_share > 0:
         shaping.append(f"{minimal_share:.0%} of training REC rows name their object by the shortest unique phrase")
-    questions = f" ({'; '.join(shaping)})" if shaping else ""
+    shaping_note = f" ({'; '.join(shaping)})" if shaping else ""
     lines += [
         "",
         f"Test split, {n_eval if n_eval is not None else '?'} samples per task for REC (Acc@0.5: first box parsed, "
@@ -166,7 +166,7 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
         "| other stage | result | time (s) |",
         "|---|---|---|",
         f"| data + tokenizer | {data.get('n_train_scenes', '?')} training scenes × 4 tasks"
-        f"{questions} | "
+        f"{shaping_note} | "
         f"{_fmt(data.get('seconds'), 0)} |",
         f"| vision pre-training | object class from patches {_fmt(vision.get('object_patch_accuracy'))}, from image "
         f"tokens {_fmt(vision.get('object_token_accuracy'))}, box error "
