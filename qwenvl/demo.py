@@ -140,24 +140,6 @@ def _attribute_targets(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return classes // nouns, classes % nouns
 
 
-WORD_ALIGNED_SCALE = 10.0
-"""Temperature of the word-aligned cosine logits: at 10 a token must lean clearly towards its words' embeddings."""
-
-
-def _attribute_word_vectors(model, tokenizer) -> torch.Tensor:
-    """Unit vectors, one per colour then one per noun (`_attribute_targets`' order): the mean of the LLM's input
-    embeddings of the word's tokens as the prompts spell it (" red", " circle", " digit" + "7"; spaces dropped)."""
-    from .data.synthetic import COLORS, SHAPES
-
-    embeddings = model.get_input_embeddings().weight.detach().float()
-    words = [*COLORS, *SHAPES, *(f"digit {d}" for d in range(10))]
-    vectors = []
-    for word in words:
-        ids = [i for i in tokenizer.encode(" " + word, add_special_tokens=False) if tokenizer.decode([i]).strip()]
-        vectors.append(embeddings[ids].mean(0))
-    return torch.nn.functional.normalize(torch.stack(vectors), dim=-1)
-
-
 def _chat_texts(rows: list[dict]) -> list[str]:
     """The rows as the model reads them (chat template included), so the template's words get merges too: trained
     on the bare prompts and answers, the vocabulary split "system", "assistant" and the default system prompt into
@@ -273,11 +255,7 @@ class Demo:
         NLL 0.41 -> 0.34, run 20 against run 19). With `attribute_weight` > 0 they also classify the object's colour
         and its noun (shape or digit) on their own, weighted so: pooled over colours, each handwritten digit gets five
         times the examples of its joint class (digit questions 0.49 -> 0.85 on 600 test scenes, run 24 against run
-        25), at some cost in coordinate digits (0.76 -> 0.69) and REC (0.69 -> 0.61). With `word_aligned` the image
-        token itself, not a head, classifies them: its logits are its cosine with the LLM's own embeddings of the
-        words (" red", " circle"), so the token the LLM reads points where the question's word points, and a colour
-        question ("What color is the circle?") can look the object up by its noun (README, the demo findings;
-        fixed random directions instead of the words did not help). The position table starts as a
+        25), at some cost in coordinate digits (0.76 -> 0.69) and REC (0.69 -> 0.61). The position table starts as a
         2-D sin-cos grid so positions are smooth from the first step. The LLM stays as initialised.
         """
         import torch.nn.functional as F
@@ -308,23 +286,9 @@ class Demo:
         n_nouns = background // n_colors
         outputs = (background + 1 + 4 + (COORDINATE_DIGITS * 10 if digits else 0)
                    + (n_colors + n_nouns if attributes else 0))
-        device = torch.device(self.device)  # where `_patch_batches` put the scenes and targets
         patch_head = torch.nn.Linear(table.shape[1], outputs)
-        word_aligned = self.word_aligned()
-        if word_aligned:  # the colour and noun logits are not the head's
-            word_vectors = _attribute_word_vectors(model, processor.tokenizer).to(device)
-            outputs -= n_colors + n_nouns
         token_head = torch.nn.Linear(vit.proj.shape[1], outputs)
-
-        def read_tokens(tokens):
-            """The token head's output; word-aligned, the colour and noun logits are the image token's own cosine with
-            the LLM's embeddings of those words, so the token itself (not a head) points at the words."""
-            out = token_head(tokens)
-            if not word_aligned:
-                return out
-            cosine = F.normalize(tokens.float(), dim=-1) @ word_vectors.T
-            return torch.cat([out.float(), WORD_ALIGNED_SCALE * cosine], dim=-1)
-
+        device = torch.device(self.device)  # where `_patch_batches` put the scenes and targets
         for module in (vit, patch_head, token_head):
             module.to(device)
         vit.attn_pool.pos_embed.requires_grad_(False)  # the adapter's fixed sin-cos table never trains
@@ -365,7 +329,7 @@ class Demo:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 patches = vit.encode_patches(pixels[index])
                 loss = loss_of(patch_head(patches), classes[index], boxes[index]) + loss_of(
-                    read_tokens(vit.pool_patches(patches)), token_classes[index], token_boxes[index]
+                    token_head(vit.pool_patches(patches)), token_classes[index], token_boxes[index]
                 )
             loss.backward()
             optimizer.step()
@@ -374,7 +338,7 @@ class Demo:
                 losses.append((step, loss.item()))
         with torch.no_grad():
             patches = vit.encode_patches(test_pixels)
-            patch_out, token_out = patch_head(patches), read_tokens(vit.pool_patches(patches))
+            patch_out, token_out = patch_head(patches), token_head(vit.pool_patches(patches))
 
         def accuracy(out, target_classes):
             on_object = target_classes != background
@@ -384,7 +348,7 @@ class Demo:
         box_error = (split(patch_out)[1][on_object] - test_boxes[on_object]).abs().mean()
         record = {"losses": losses, "object_patch_accuracy": accuracy(patch_out, test_classes),
                   "object_token_accuracy": accuracy(token_out, test_token_classes), "box_error": float(box_error),
-                  "n_scenes": len(pixels), "word_aligned": word_aligned}
+                  "n_scenes": len(pixels)}
         on_token_object = test_token_classes != background
         if digits:
             predicted = split(token_out)[2][on_token_object].argmax(-1)
@@ -465,16 +429,6 @@ class Demo:
             raise ValueError(f"recipe vision.attribute_weight must be a number >= 0 (0: no colour and noun heads), "
                              f"got {weight!r}")
         return float(weight)
-
-    def word_aligned(self) -> bool:
-        """The vision stage's `word_aligned`, checked before any stage: a bool, and only with colour and noun targets."""
-        aligned = self.recipe["vision"].get("word_aligned", False)
-        if not isinstance(aligned, bool):
-            raise ValueError(f"recipe vision.word_aligned must be true or false, got {aligned!r}")
-        if aligned and self.attribute_weight() == 0:
-            raise ValueError("recipe vision.word_aligned needs vision.attribute_weight > 0: it aligns the image tokens "
-                             "with the words of the colour and noun targets")
-        return aligned
 
     def focus_tasks(self) -> tuple[str, ...]:
         """Stage 2's focus tasks, checked: `run` calls this before any stage, so a typo costs no training."""
@@ -621,7 +575,6 @@ class Demo:
     def run(self) -> dict:
         self.focus_tasks()
         self.attribute_weight()
-        self.word_aligned()
         for stage in STAGES:
             folder = getattr(self.paths, stage)
             record = _done(folder)

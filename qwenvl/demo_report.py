@@ -151,8 +151,6 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
     if vision.get("token_noun_accuracy") is not None:
         token_reads += (f", colour {_fmt(vision.get('token_color_accuracy'))} and noun "
                         f"{_fmt(vision['token_noun_accuracy'])} from image tokens")
-        if vision.get("word_aligned"):
-            token_reads += " (by their cosine with the LLM's embeddings of the words)"
     n_questions = data.get("vqa_questions", 1)
     minimal_share = data.get("minimal_rec_share", 0.0)
     shaping = [f"{n_questions} questions per training VQA conversation"] if n_questions > 1 else []

@@ -141,21 +141,6 @@ def test_a_bad_attribute_weight_is_refused_before_any_stage(tmp_path, weight):
     assert not (tmp_path / "data").exists()
 
 
-@pytest.mark.parametrize(("aligned", "weight", "message"), [
-    ("yes", 0.3, r"recipe vision.word_aligned must be true or false, got 'yes'"),
-    (1, 0.3, r"recipe vision.word_aligned must be true or false, got 1"),
-    (True, 0.0, r"recipe vision.word_aligned needs vision.attribute_weight > 0"),
-])
-def test_a_bad_word_aligned_setting_is_refused_before_any_stage(tmp_path, aligned, weight, message):
-    from qwenvl.demo import Demo
-
-    demo = Demo(tmp_path, quick=True)
-    demo.recipe["vision"].update(word_aligned=aligned, attribute_weight=weight)
-    with pytest.raises(ValueError, match=message):
-        demo.run()
-    assert not (tmp_path / "data").exists()
-
-
 def test_a_focus_phase_naming_an_unknown_task_is_refused_before_training(tmp_path):
     from qwenvl.demo import Demo
 
@@ -285,30 +270,6 @@ def test_attribute_targets_split_every_object_class_into_its_colour_and_its_noun
     # "the triangle" is one noun class whatever its colour: what a colour question looks the object up by
     triangles = [i for i, name in enumerate(PATCH_CLASSES) if name.endswith(" triangle")]
     assert len(triangles) == len(COLORS) and len(set(nouns[triangles].tolist())) == 1
-
-
-def test_word_aligned_targets_are_the_llms_own_embeddings_of_the_colour_and_noun_words(demo_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from qwenvl.data.synthetic import COLORS, SHAPES
-    from qwenvl.demo import _attribute_word_vectors
-
-    model = AutoModelForCausalLM.from_pretrained(demo_dir / "init", trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "init", trust_remote_code=True)
-    vectors = _attribute_word_vectors(model, tokenizer)
-    words = [*COLORS, *SHAPES, *(f"digit {d}" for d in range(10))]  # `_attribute_targets`' colour, then noun order
-    assert vectors.shape == (len(words), model.config.hidden_size)
-    torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(len(words)))
-    embeddings = torch.nn.functional.normalize(model.get_input_embeddings().weight.detach(), dim=-1)
-    for word, vector in zip(words, vectors):
-        # the direction of the word as a prompt spells it: every token of " <word>" but a bare space
-        ids = [i for i in tokenizer(" " + word)["input_ids"] if tokenizer.decode([i]).strip()]
-        assert ids and (embeddings[ids] @ vector).min() > 0.3, (word, tokenizer.convert_ids_to_tokens(ids))
-        others = [i for i in range(len(embeddings)) if i not in ids]
-        assert (embeddings[others] @ vector).max() < (embeddings[ids] @ vector).min(), word
-    vision = json.loads((demo_dir / "vision" / "done.json").read_text())
-    assert vision["word_aligned"] is True  # the quick recipe, like the full one, trains the tokens towards the words
-    assert "cosine with the LLM's embeddings of the words" in (demo_dir / "report.md").read_text()
 
 
 def test_bf16_autocast_is_opt_in_from_the_command_line(monkeypatch, tmp_path):
