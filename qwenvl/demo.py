@@ -264,10 +264,15 @@ class Demo:
         from .data.synthetic import COLORS, PATCH_CLASSES
         from .modeling_qwenvl import get_2d_sincos_pos_embed
 
+        from .train import compile_regions
+
         recipe = self.recipe["vision"]
         torch.manual_seed(self.seed)
-        model = AutoModelForCausalLM.from_pretrained(self.paths.init, trust_remote_code=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(self.paths.init, trust_remote_code=True, dtype=torch.float32,
+                                                     **self.attention(recipe))
         processor = self.processor(self.paths.init)
+        if recipe.get("compile", False):
+            compile_regions(model)  # only the ViT blocks run here; names and saved weights are unchanged
         vit = model.transformer.visual
         table = vit.positional_embedding
         with torch.no_grad():
@@ -368,7 +373,8 @@ class Demo:
 
         from .train import QwenVLDataCollator, QwenVLTrainer, apply_stage, compile_regions
 
-        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, dtype=torch.float32,
+                                                     **self.attention(recipe))
         processor = self.processor(source)
         table = apply_stage(model, stage, verbose=True)
         if recipe.get("compile", False):
@@ -405,7 +411,8 @@ class Demo:
         """
         recipe = self.recipe["sft"]
         tasks = self.focus_tasks()
-        precision = {key: recipe[key] for key in ("bf16", "compile") if key in recipe}  # every phase's too
+        # Every phase trains the recipe's way.
+        precision = {key: recipe[key] for key in ("bf16", "compile", "attn_implementation") if key in recipe}
         mixed = self._train_sft(self.paths.pretrain, self.paths.sft_multitask, "multitask-frozen-vit", recipe,
                                 tasks=None, evaluate=False)
         focused = self._train_sft(self.paths.sft_multitask, self.paths.sft_focus, "multitask-frozen-vit",
@@ -429,6 +436,19 @@ class Demo:
             raise ValueError(f"recipe vision.attribute_weight must be a number >= 0 (0: no colour and noun heads), "
                              f"got {weight!r}")
         return float(weight)
+
+    def attention(self, recipe: dict) -> dict:
+        """`from_pretrained` keywords for a training stage's `attn_implementation` ("eager" or "sdpa"; absent: the
+        model's default, SDPA). With compiled blocks on a CPU "eager" is the faster one at the demo's lengths: inductor
+        fuses its masked softmax with the matmuls, while the CPU flash kernel's backward is slow for 4 heads of 48 over
+        ~150 tokens (12.5 against 20.3 ms per layer, forward and backward; a stage-2 step 168 against 203 ms on the AMD
+        Zen 4 host; README, the demo findings). Checked by `run` before any stage."""
+        implementation = recipe.get("attn_implementation")
+        if implementation is None:
+            return {}
+        if implementation not in ("eager", "sdpa"):
+            raise ValueError(f"recipe attn_implementation must be \"eager\" or \"sdpa\", got {implementation!r}")
+        return {"attn_implementation": implementation}
 
     def focus_tasks(self) -> tuple[str, ...]:
         """Stage 2's focus tasks, checked: `run` calls this before any stage, so a typo costs no training."""
@@ -575,6 +595,8 @@ class Demo:
     def run(self) -> dict:
         self.focus_tasks()
         self.attribute_weight()
+        for stage in ("vision", "sft"):
+            self.attention(self.recipe[stage])
         for stage in STAGES:
             folder = getattr(self.paths, stage)
             record = _done(folder)
@@ -617,6 +639,12 @@ class Demo:
         ways = [way for way, used in (("in bf16 autocast", bf16),
                                       ("with regional torch.compile", recipe.get("compile", False))) if used]
         summary = "fp32" + (f", stage 2 {' '.join(ways)}" if ways else "")
+        if self.recipe["vision"].get("compile", False):
+            summary += ", the vision stage with regional torch.compile"
+        implementations = {stage: self.recipe[stage].get("attn_implementation") for stage in ("vision", "sft")}
+        if any(implementations.values()):
+            summary += ", attention " + ", ".join(f"{value} in {'stage 2' if stage == 'sft' else 'the vision stage'}"
+                                                  for stage, value in implementations.items() if value)
         if recipe.get("bf16") == "auto":
             summary += (f" (bf16 {'used' if bf16 else 'not used'}: bf16 matmuls run "
                         f"{bf16_matmul_speedup(self.device):.2f}x as fast as fp32 here)")

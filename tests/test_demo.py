@@ -162,17 +162,48 @@ def test_stage_two_trains_in_its_recipes_precision_in_every_phase(demo_dir, tmp_
     demo = demo_module.Demo(tmp_path, quick=True)
     for stage in ("data", "pretrain"):
         (tmp_path / stage).symlink_to(demo_dir / stage)
-    demo.recipe["sft"].update(bf16=True, compile=True)  # forced, whatever this machine's bf16 speed
-    assert demo.precision() == "fp32, stage 2 in bf16 autocast with regional torch.compile"
+    demo.recipe["sft"].update(bf16=True, compile=True, attn_implementation="eager")  # whatever this machine's speed
+    assert demo.precision() == "fp32, stage 2 in bf16 autocast with regional torch.compile, attention eager in stage 2"
     compiled, autocast = [], []
-    monkeypatch.setattr(qwenvl.train, "compile_regions", lambda model: compiled.append(type(model).__name__))
+    monkeypatch.setattr(qwenvl.train, "compile_regions",
+                        lambda model: compiled.append((type(model).__name__, model.config._attn_implementation)))
     arguments = demo_module._training_arguments
     monkeypatch.setattr(demo_module, "_training_arguments",
                         lambda *args, **kwargs: autocast.append(args[4]) or arguments(*args, **kwargs))
     record = demo.stage_sft()
     # Multi-task, then REC, then every task again.
-    assert compiled == ["QwenVLForConditionalGeneration"] * 3 and autocast == [True, True, True]
+    assert compiled == [("QwenVLForConditionalGeneration", "eager")] * 3 and autocast == [True, True, True]
     assert record["metrics"]["rec"]["n"] > 0 and (tmp_path / "sft" / "model.safetensors").exists()
+    # The attention choice is the training's, not the checkpoint's: the saved model loads with SDPA.
+    assert "attn_implementation" not in (tmp_path / "sft" / "config.json").read_text()
+
+
+def test_the_vision_stage_compiles_its_blocks_with_the_recipes_attention(demo_dir, tmp_path, monkeypatch):
+    import qwenvl.demo as demo_module
+    import qwenvl.train
+
+    demo = demo_module.Demo(tmp_path, quick=True)
+    for stage in ("data", "init"):
+        (tmp_path / stage).symlink_to(demo_dir / stage)
+    demo.recipe["vision"].update(compile=True, attn_implementation="eager", max_steps=2)
+    assert demo.precision().endswith("the vision stage with regional torch.compile, attention eager in the vision stage")
+    compiled = []
+    monkeypatch.setattr(qwenvl.train, "compile_regions",
+                        lambda model: compiled.append(model.config._attn_implementation))
+    record = demo.stage_vision()
+    assert compiled == ["eager"] and 0 <= record["object_token_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("implementation", ["flash_attention_2", "Eager", 1])
+@pytest.mark.parametrize("stage", ["vision", "sft"])
+def test_an_unknown_attention_implementation_is_refused_before_any_stage(tmp_path, stage, implementation):
+    import qwenvl.demo as demo_module
+
+    demo = demo_module.Demo(tmp_path, quick=True)
+    demo.recipe[stage]["attn_implementation"] = implementation
+    with pytest.raises(ValueError, match=r'recipe attn_implementation must be "eager" or "sdpa", got'):
+        demo.run()
+    assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.parametrize("speedup", [0.012, 6.5])  # an AVX2-only CPU (no bf16 kernels), an AMX Xeon
