@@ -264,15 +264,10 @@ class Demo:
         from .data.synthetic import COLORS, PATCH_CLASSES
         from .modeling_qwenvl import get_2d_sincos_pos_embed
 
-        from .train import compile_regions
-
         recipe = self.recipe["vision"]
         torch.manual_seed(self.seed)
-        model = AutoModelForCausalLM.from_pretrained(self.paths.init, trust_remote_code=True, dtype=torch.float32,
-                                                     **self.attention(recipe))
+        model = AutoModelForCausalLM.from_pretrained(self.paths.init, trust_remote_code=True, dtype=torch.float32)
         processor = self.processor(self.paths.init)
-        if recipe.get("compile", False):
-            compile_regions(model)  # only the ViT blocks run here; names and saved weights are unchanged
         vit = model.transformer.visual
         table = vit.positional_embedding
         with torch.no_grad():
@@ -368,7 +363,8 @@ class Demo:
         return record
 
     def _train_sft(self, source: Path, folder: Path, stage: str, recipe: dict, tasks: tuple[str, ...] | None,
-                   evaluate: bool = True) -> dict:
+                   evaluate: bool = True, collator=None) -> dict:
+        """One training phase; `collator`: one shared by the phases of a stage, so each row is encoded once."""
         from transformers import AutoModelForCausalLM
 
         from .train import QwenVLDataCollator, QwenVLTrainer, apply_stage, compile_regions
@@ -386,7 +382,7 @@ class Demo:
             args=_training_arguments(folder, recipe, self.seed, self.device, self.trains_in_bf16(recipe),
                                      train_sampling_strategy="group_by_length"),
             train_dataset=rows,
-            data_collator=QwenVLDataCollator(processor),
+            data_collator=collator or QwenVLDataCollator(processor, cache_encodings=True),
             processing_class=processor,
             model_card={"stage": stage, "table": table},
         )
@@ -409,16 +405,21 @@ class Demo:
         captions; 400 steps on every task afterwards bring those back and keep REC (README, the demo findings). The
         later phases' steps continue the step axis of the losses.
         """
+        from .train import QwenVLDataCollator
+
         recipe = self.recipe["sft"]
         tasks = self.focus_tasks()
+        # One collator for the three phases, so each row is encoded (~1 ms of template and tokenizer work; the length
+        # grouping of each phase encodes every row before its first step) and each image read (~0.7 ms) once.
+        collator = QwenVLDataCollator(self.processor(self.paths.pretrain), cache_encodings=True, cache_images=True)
         # Every phase trains the recipe's way.
         precision = {key: recipe[key] for key in ("bf16", "compile", "attn_implementation") if key in recipe}
         mixed = self._train_sft(self.paths.pretrain, self.paths.sft_multitask, "multitask-frozen-vit", recipe,
-                                tasks=None, evaluate=False)
+                                tasks=None, evaluate=False, collator=collator)
         focused = self._train_sft(self.paths.sft_multitask, self.paths.sft_focus, "multitask-frozen-vit",
-                                  {**precision, **recipe["focus"]}, tasks=tasks, evaluate=False)
+                                  {**precision, **recipe["focus"]}, tasks=tasks, evaluate=False, collator=collator)
         refreshed = self._train_sft(self.paths.sft_focus, self.paths.sft, "multitask-frozen-vit",
-                                    {**precision, **recipe["refresh"]}, tasks=None)
+                                    {**precision, **recipe["refresh"]}, tasks=None, collator=collator)
         for intermediate in (self.paths.sft_multitask, self.paths.sft_focus):
             shutil.rmtree(intermediate)  # the stage's result is `sft`
         focus_start = recipe["max_steps"]
@@ -438,11 +439,11 @@ class Demo:
         return float(weight)
 
     def attention(self, recipe: dict) -> dict:
-        """`from_pretrained` keywords for a training stage's `attn_implementation` ("eager" or "sdpa"; absent: the
-        model's default, SDPA). With compiled blocks on a CPU "eager" is the faster one at the demo's lengths: inductor
-        fuses its masked softmax with the matmuls, while the CPU flash kernel's backward is slow for 4 heads of 48 over
-        ~150 tokens (12.5 against 20.3 ms per layer, forward and backward; a stage-2 step 168 against 203 ms on the AMD
-        Zen 4 host; README, the demo findings). Checked by `run` before any stage."""
+        """`from_pretrained` keywords for stage 2's `attn_implementation` ("eager" or "sdpa"; absent: the model's
+        default, SDPA). With compiled blocks on a CPU "eager" is the faster one at the demo's lengths: inductor fuses
+        its masked softmax with the matmuls, while the CPU flash kernel's backward is slow for 4 heads of 48 over ~150
+        tokens (12.5 against 20.3 ms per layer, forward and backward; a stage-2 step 168 against 203 ms on the AMD Zen 4
+        host; README, the demo findings). Checked by `run` before any stage."""
         implementation = recipe.get("attn_implementation")
         if implementation is None:
             return {}
@@ -595,8 +596,7 @@ class Demo:
     def run(self) -> dict:
         self.focus_tasks()
         self.attribute_weight()
-        for stage in ("vision", "sft"):
-            self.attention(self.recipe[stage])
+        self.attention(self.recipe["sft"])
         for stage in STAGES:
             folder = getattr(self.paths, stage)
             record = _done(folder)
@@ -638,13 +638,9 @@ class Demo:
         bf16 = self.trains_in_bf16(recipe)
         ways = [way for way, used in (("in bf16 autocast", bf16),
                                       ("with regional torch.compile", recipe.get("compile", False))) if used]
+        if recipe.get("attn_implementation"):
+            ways.append(f"with {recipe['attn_implementation']} attention")
         summary = "fp32" + (f", stage 2 {' '.join(ways)}" if ways else "")
-        if self.recipe["vision"].get("compile", False):
-            summary += ", the vision stage with regional torch.compile"
-        implementations = {stage: self.recipe[stage].get("attn_implementation") for stage in ("vision", "sft")}
-        if any(implementations.values()):
-            summary += ", attention " + ", ".join(f"{value} in {'stage 2' if stage == 'sft' else 'the vision stage'}"
-                                                  for stage, value in implementations.items() if value)
         if recipe.get("bf16") == "auto":
             summary += (f" (bf16 {'used' if bf16 else 'not used'}: bf16 matmuls run "
                         f"{bf16_matmul_speedup(self.device):.2f}x as fast as fp32 here)")

@@ -224,6 +224,45 @@ def test_images_given_as_paths_bytes_or_inline_blocks_are_decoded_in_the_collato
     torch.testing.assert_close(batch["pixel_values"], expected, rtol=0, atol=0)
 
 
+def test_a_caching_collator_encodes_each_row_and_decodes_each_file_once_and_returns_the_same_batches(
+    processor, tmp_path, monkeypatch
+):
+    import qwenvl.train.collator as collator_module
+
+    RED.save(tmp_path / "red.png")
+    buffer = io.BytesIO()
+    BLUE.save(buffer, format="PNG")
+    rows = [
+        {"images": [str(tmp_path / "red.png")], "messages": [{"role": "user", "content": f"question {k}?"},
+                                                             {"role": "assistant", "content": "red"}]}
+        for k in range(3)
+    ]
+    by_bytes = {"images": [{"bytes": buffer.getvalue(), "path": None}],
+                "messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": "blue"}]}
+    plain = QwenVLDataCollator(processor)
+    caching = QwenVLDataCollator(processor, cache_encodings=True, cache_images=True)
+    rendered, decoded = [], []
+    render, decode = QwenVLDataCollator._render, collator_module._decode_image
+    monkeypatch.setattr(QwenVLDataCollator, "_render", lambda self, *args: rendered.append(1) or render(self, *args))
+    monkeypatch.setattr(collator_module, "_decode_image", lambda *args: decoded.append(1) or decode(*args))
+    for _ in range(3):  # three epochs
+        batch = caching([*rows, by_bytes])
+        for key, value in plain([*rows, by_bytes]).items():
+            torch.testing.assert_close(batch[key], value, rtol=0, atol=0)
+    # 3 epochs x 4 rows through the plain collator; the caching one: 3 rows once, the bytes row every epoch. The
+    # three rows share one file: decoded once; the bytes image every time.
+    assert len(rendered) == 12 + 3 + 3 and len(decoded) == 12 + 1 + 3
+    batch["pixel_values"].zero_()  # the model may write into its batch: the cache keeps its own copy
+    torch.testing.assert_close(caching(rows[:1])["pixel_values"], plain(rows[:1])["pixel_values"], rtol=0, atol=0)
+    sample = caching.encode(rows[0])
+    sample.input_ids.append(0)  # a caller's edit does not reach the cache
+    assert caching.encode(rows[0]).input_ids == plain.encode(rows[0]).input_ids
+    with pytest.raises(ValueError, match="feature 0: a feature needs 'messages'"):
+        caching([{"images": []}])  # bad rows still fail, every time
+    with pytest.raises(ValueError, match="feature 0: a feature needs 'messages'"):
+        caching([{"images": []}])
+
+
 def test_truncation_never_splits_an_image_span(model_and_processor):
     model, processor = model_and_processor
     full = QwenVLDataCollator(processor).encode(TWO_TURN)
