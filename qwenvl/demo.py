@@ -188,10 +188,11 @@ class Demo:
 
         data = self.recipe["data"]
         generate_dataset(self.paths.data, data["n_train"], data["n_val"], data["n_test"], image_size=data["canvas"],
-                         seed=self.seed, vqa_questions=data["vqa_questions"],
+                         seed=self.seed, vqa_questions=data["vqa_questions"], rec_questions=data["rec_questions"],
                          minimal_rec_share=data["minimal_rec_share"])
         return {"n_train_scenes": data["n_train"], "n_test_scenes": data["n_test"],
-                "vqa_questions": data["vqa_questions"], "minimal_rec_share": data["minimal_rec_share"]}
+                "vqa_questions": data["vqa_questions"], "rec_questions": data["rec_questions"],
+                "minimal_rec_share": data["minimal_rec_share"]}
 
     def stage_init(self) -> dict:
         from . import QwenVLConfig, QwenVLForConditionalGeneration
@@ -500,8 +501,10 @@ class Demo:
         # What the pairwise steps add over the SFT model's own likelihood, which already ranks most pairs (README).
         before = evaluate_reward_model(model.eval(), processor, held_out_pairs, limit=n_pairs)
         collator = QwenVLPreferenceCollator(processor, chat_template_kwargs={"trusted_text": True})
-        trainer = QwenVLRewardTrainer(model=model, args=args, train_dataset=self._preference_rows("train"),
-                                      processing_class=processor, data_collator=collator)
+        # The pairs the steps will see, not all 20,000 of the split (each image decoded and stored in an Arrow table).
+        pairs = self._preference_rows("train", limit=recipe["max_steps"] * recipe["batch_size"])
+        trainer = QwenVLRewardTrainer(model=model, args=args, train_dataset=pairs, processing_class=processor,
+                                      data_collator=collator)
         result = trainer.train()
         trainer.save_model(str(self.paths.reward))
         processor.save_pretrained(self.paths.reward)
@@ -562,7 +565,8 @@ class Demo:
             chat_template_kwargs={"trusted_text": True}, use_cpu=self.device == "cpu",
         )
         trainer = PPOTrainer(config, processor, policy, reward_model=reward_model,
-                             train_dataset=self._ppo_rows("train"),
+                             # As many prompts as episodes: the split's 20,000 would be decoded for 128 of them.
+                             train_dataset=self._ppo_rows("train", recipe["total_episodes"]),
                              ptx_dataset=_sft_rows(self.paths.data, "train"),
                              ptx_collator=QwenVLDataCollator(processor))
         history = trainer.train()

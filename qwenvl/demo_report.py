@@ -152,8 +152,11 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
         token_reads += (f", colour {_fmt(vision.get('token_color_accuracy'))} and noun "
                         f"{_fmt(vision['token_noun_accuracy'])} from image tokens")
     n_questions = data.get("vqa_questions", 1)
+    n_referrals = data.get("rec_questions", 1)
     minimal_share = data.get("minimal_rec_share", 0.0)
     shaping = [f"{n_questions} questions per training VQA conversation"] if n_questions > 1 else []
+    if n_referrals > 1:
+        shaping.append(f"up to {n_referrals} objects per training REC conversation")
     if minimal_share > 0:
         shaping.append(f"{minimal_share:.0%} of training REC rows name their object by the shortest unique phrase")
     shaping_note = f" ({'; '.join(shaping)})" if shaping else ""

@@ -44,17 +44,20 @@ def test_the_tokenizer_was_trained_on_the_chat_template_too(demo_dir):
     assert len(tokenizer.tokenize("You are a helpful assistant.")) <= 6  # was 19
 
 
-def test_training_vqa_rows_ask_the_recipes_number_of_questions_and_test_rows_one(demo_dir):
+def test_training_vqa_and_rec_rows_ask_the_recipes_number_of_questions_and_test_rows_one(demo_dir):
     from qwenvl.demo import CONFIG_PATH
 
-    questions = json.loads(CONFIG_PATH.read_text())["quick"]["data"]["vqa_questions"]
-    assert questions > 1
-    for split, expected in (("train", questions), ("test", 1)):
-        rows = json.loads((demo_dir / "data" / f"{split}.json").read_text())
-        vqa = [row for row in rows if row["id"].endswith("_vqa")]
-        assert vqa and {len(row["conversations"]) // 2 for row in vqa} <= set(range(1, expected + 1))
-        assert max(len(row["conversations"]) // 2 for row in vqa) == expected
-    assert f"({questions} questions per training VQA conversation)" in (demo_dir / "report.md").read_text()
+    data = json.loads(CONFIG_PATH.read_text())["quick"]["data"]
+    questions, referrals = data["vqa_questions"], data["rec_questions"]
+    assert questions > 1 and referrals > 1
+    for task, most in (("vqa", questions), ("rec", referrals)):
+        for split, expected in (("train", most), ("test", 1)):
+            rows = json.loads((demo_dir / "data" / f"{split}.json").read_text())
+            rows = [row for row in rows if row["id"].endswith(f"_{task}")]
+            assert rows and {len(row["conversations"]) // 2 for row in rows} <= set(range(1, expected + 1))
+            assert max(len(row["conversations"]) // 2 for row in rows) == expected, (task, split)
+    assert (f"({questions} questions per training VQA conversation; up to {referrals} objects per training REC "
+            "conversation)") in (demo_dir / "report.md").read_text()
 
 
 def test_the_data_follow_the_recipes_minimal_rec_share_and_test_rows_keep_the_full_expression(demo_dir):
@@ -331,6 +334,8 @@ def test_the_demo_report_names_how_the_training_data_were_shaped(tmp_path):
          "(4 questions per training VQA conversation; 50% of training REC rows name their object by the shortest "
          "unique phrase)"),
         ({"vqa_questions": 4, "minimal_rec_share": 0.0}, "(4 questions per training VQA conversation) |"),
+        ({"vqa_questions": 4, "rec_questions": 3},
+         "(4 questions per training VQA conversation; up to 3 objects per training REC conversation) |"),
         ({"vqa_questions": 1}, "10 training scenes × 4 tasks |"),
     ):
         write_report({"data": {"n_train_scenes": 10, "seconds": 1.0, **data}}, tmp_path / "report.md",

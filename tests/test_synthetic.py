@@ -261,6 +261,26 @@ def test_a_multi_question_vqa_sample_is_a_multi_turn_conversation_in_the_officia
     assert [(u["value"], a["value"]) for u, a in zip(turns[2::2], turns[3::2])] == vqa.follow_ups
 
 
+def test_a_multi_object_rec_sample_asks_for_the_other_objects_after_the_single_target(scenes):
+    for scene in scenes:
+        single = {s.task: s for s in syn.make_samples(scene)}
+        multi = {s.task: s for s in syn.make_samples(scene, rec_questions=3)}
+        rec = multi["rec"]
+        # The first turn, and every other task, are what a one-object sample has.
+        assert (rec.prompt, rec.answer, rec.box) == (single["rec"].prompt, single["rec"].answer, single["rec"].box)
+        assert single["rec"].follow_ups == []
+        assert {t: s for t, s in multi.items() if t != "rec"} == {t: s for t, s in single.items() if t != "rec"}
+        # Up to two more objects, each named by its full expression and boxed where it is, none asked twice.
+        assert len(rec.follow_ups) == min(2, len(scene.objects) - 1)
+        by_expression = {f"<ref>{o.expression}</ref>": o for o in scene.objects}
+        asked = [rec.prompt] + [prompt for prompt, _ in rec.follow_ups]
+        assert len(set(asked)) == len(asked)
+        for prompt, answer in rec.follow_ups:
+            assert answer == prompt + syn.format_box(by_expression[prompt].box, scene.image_size)
+    with pytest.raises(ValueError, match="rec_questions must be an integer >= 1, got 0"):
+        syn.make_samples(scenes[0], rec_questions=0)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.0, True])
 def test_the_number_of_vqa_questions_must_be_a_positive_integer(bad, tmp_path):
     with pytest.raises(ValueError, match="vqa_questions"):
@@ -460,16 +480,20 @@ def test_same_arguments_give_byte_identical_files(dataset, tmp_path):
     assert json.loads(other["val"].read_text()) == []
 
 
-def test_only_the_training_split_gets_multi_question_vqa_conversations(tmp_path):
-    paths = syn.generate_dataset(tmp_path, n_train=6, n_val=3, n_test=3, image_size=64, seed=3, vqa_questions=3)
+def test_only_the_training_split_gets_multi_question_vqa_and_rec_conversations(tmp_path):
+    paths = syn.generate_dataset(tmp_path, n_train=6, n_val=3, n_test=3, image_size=64, seed=3, vqa_questions=3,
+                                 rec_questions=4)
     info = json.loads(paths["info"].read_text(encoding="utf-8"))
     assert info["vqa_questions"] == {"train": 3, "val": 1, "test": 1}
+    assert info["rec_questions"] == {"train": 4, "val": 1, "test": 1}
     for split in syn.SPLITS:
         official = {row["id"]: row for row in json.loads(paths[split].read_text(encoding="utf-8"))}
         rows = {row["id"]: row for row in load_official_finetune_json(paths[split], tmp_path)}
         for sample in _read_jsonl(paths[f"{split}_samples"]):
             n_turns = len(official[sample["id"]]["conversations"]) // 2
-            if split == "train" and sample["task"] == "vqa":
+            if split == "train" and sample["task"] == "rec":
+                assert n_turns == 1 + len(sample["follow_ups"] or [])  # one-object scenes: one turn
+            elif split == "train" and sample["task"] == "vqa":
                 assert n_turns == 1 + len(sample["follow_ups"]) >= 2
                 # Loaded for training: one image, then every turn in order, later questions without an image.
                 messages = rows[sample["id"]]["messages"]

@@ -153,8 +153,8 @@ class Scene:
 @dataclass
 class Sample:
     """One chat sample about one scene. `prompt` is the user text that follows the image, `answer` the assistant's
-    reply; `follow_ups` are further (question, answer) turns about the same image (multi-question VQA conversations
-    for training, `make_samples(vqa_questions=...)`).
+    reply; `follow_ups` are further (question, answer) turns about the same image (multi-question VQA and REC
+    conversations for training, `make_samples(vqa_questions=..., rec_questions=...)`).
 
     Structured ground truth for scoring the first turn: `short_answer` for VQA, `box` (pixels) for REC, `boxes` (one
     per object, caption order) for grounded captions.
@@ -481,6 +481,24 @@ def _follow_up_questions(scene: Scene, first_question: str, n: int) -> list[tupl
     return turns
 
 
+def _follow_up_referrals(scene: Scene, first_target: SceneObject, n: int) -> list[tuple[str, str]]:
+    """Up to `n` more REC turns, one per other object of the scene, in an order drawn from a stream of their own."""
+    if n <= 0:
+        return []
+    others = [o for o in scene.objects if o is not first_target]
+    order = np.random.default_rng([scene.seed, 4]).permutation(len(others))
+    turns = []
+    for index in order[:n]:
+        ref = REC_PROMPT.format(expression=others[index].expression)
+        turns.append((ref, ref + format_box(others[index].box, scene.image_size)))
+    return turns
+
+
+def _check_questions(n: int, name: str) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
+
+
 def _check_minimal_rec_share(share: float) -> None:
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
         raise ValueError(f"minimal_rec_share must be a number in [0, 1], got {share!r}")
@@ -494,7 +512,7 @@ def check_tasks(tasks: Sequence[str], where: str = "tasks") -> None:
 
 
 def make_samples(scene: Scene, tasks: tuple[str, ...] = TASKS, id_prefix: str | None = None,
-                 vqa_questions: int = 1, minimal_rec_share: float = 0.0) -> list[Sample]:
+                 vqa_questions: int = 1, minimal_rec_share: float = 0.0, rec_questions: int = 1) -> list[Sample]:
     """One sample per task for `scene` (VQA question type and REC target drawn from the scene seed).
 
     `vqa_questions` > 1 makes the VQA sample a conversation of that many distinct questions about the image: the
@@ -502,12 +520,17 @@ def make_samples(scene: Scene, tasks: tuple[str, ...] = TASKS, id_prefix: str | 
     after the ~70 tokens of image and template, so each extra question adds supervision at a fraction of a row's
     cost (the demo's training split; evaluation asks one question per image).
 
+    `rec_questions` > 1 does the same for REC: after the first target, up to `rec_questions - 1` other objects of
+    the scene (in an order drawn from its seed; a scene of k objects has k - 1 others), each named by its full
+    expression. A box answer is ~15 tokens after the same ~90 of image and template.
+
     `minimal_rec_share`: the probability (drawn per scene from its seed) that the REC sample names its target by
     `minimal_expression` instead of the full expression; the target and box stay the same. 0 (the default) and
     evaluation splits keep the full expression the protocol scores.
     """
     check_tasks(tasks)
     _check_vqa_questions(vqa_questions)
+    _check_questions(rec_questions, "rec_questions")
     _check_minimal_rec_share(minimal_rec_share)
     rng = np.random.default_rng([scene.seed, 1])
     # Draw both choices up front so that the subset of tasks does not change either of them.
@@ -532,7 +555,8 @@ def make_samples(scene: Scene, tasks: tuple[str, ...] = TASKS, id_prefix: str | 
         else:
             ref = REC_PROMPT.format(expression=expression)
             answer = ref + format_box(target.box, scene.image_size)
-            samples.append(Sample(sid, task, ref, answer, box=target.box))
+            follow_ups = _follow_up_referrals(scene, target, rec_questions - 1)
+            samples.append(Sample(sid, task, ref, answer, box=target.box, follow_ups=follow_ups))
     return samples
 
 
@@ -672,12 +696,13 @@ def generate_dataset(
     seed: int = 0,
     vqa_questions: int = 1,
     minimal_rec_share: float = 0.0,
+    rec_questions: int = 1,
 ) -> dict[str, Path]:
     """Write the synthetic dataset under `out_dir`; `n_*` count scenes (images), each giving one sample per task.
 
-    `vqa_questions` and `minimal_rec_share` shape the training split only (`make_samples`); validation and test
-    samples always ask one question and name REC targets by the full expression, the protocol their evaluation
-    scores.
+    `vqa_questions`, `rec_questions` and `minimal_rec_share` shape the training split only (`make_samples`);
+    validation and test samples always ask one question and name REC targets by the full expression, the protocol
+    their evaluation scores.
 
     Files (image paths inside them are relative to `out_dir`):
 
@@ -706,6 +731,7 @@ def generate_dataset(
     if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be an integer >= {MIN_IMAGE_SIZE}, got {image_size!r}")
     _check_vqa_questions(vqa_questions)
+    _check_questions(rec_questions, "rec_questions")
     _check_minimal_rec_share(minimal_rec_share)
 
     out = Path(out_dir)
@@ -723,7 +749,8 @@ def generate_dataset(
             scene_rows.append({"image": image_path, **scene.to_dict()})
             train = split == "train"
             for sample in make_samples(scene, id_prefix=name, vqa_questions=vqa_questions if train else 1,
-                                       minimal_rec_share=minimal_rec_share if train else 0.0):
+                                       minimal_rec_share=minimal_rec_share if train else 0.0,
+                                       rec_questions=rec_questions if train else 1):
                 official.append(sample.to_official(image_path))
                 samples_rows.append(
                     {
@@ -788,6 +815,7 @@ def generate_dataset(
             "seed": seed,
             "image_size": image_size,
             "vqa_questions": {"train": vqa_questions, "val": 1, "test": 1},
+            "rec_questions": {"train": rec_questions, "val": 1, "test": 1},
             "minimal_rec_share": {"train": minimal_rec_share, "val": 0.0, "test": 0.0},
             "splits": info_splits,
             "tasks": list(TASKS),
