@@ -234,16 +234,21 @@ def test_samples_are_deterministic_and_independent_of_the_task_subset():
     assert syn.make_samples(syn.make_scene(11)) == list(all_tasks.values())
 
 
+def _with_follow_ups(scene: syn.Scene, task: str, first_turn: tuple[str, ...], **kwargs) -> syn.Sample:
+    """`task`'s sample of `scene` made with `kwargs`, checked to keep the one-turn sample's `first_turn` fields and
+    to leave every other task's sample as it was."""
+    single = {s.task: s for s in syn.make_samples(scene)}
+    multi = {s.task: s for s in syn.make_samples(scene, **kwargs)}
+    assert [getattr(multi[task], f) for f in first_turn] == [getattr(single[task], f) for f in first_turn]
+    assert single[task].follow_ups == []
+    assert {t: s for t, s in multi.items() if t != task} == {t: s for t, s in single.items() if t != task}
+    return multi[task]
+
+
 def test_a_multi_question_vqa_sample_adds_distinct_correct_questions_after_the_single_question(scenes):
     lengths = set()
     for scene in scenes:
-        single = {s.task: s for s in syn.make_samples(scene)}
-        multi = {s.task: s for s in syn.make_samples(scene, vqa_questions=4)}
-        # The first turn, and every other task, are what a single-question sample has.
-        vqa = multi["vqa"]
-        assert (vqa.prompt, vqa.answer, vqa.qtype) == (single["vqa"].prompt, single["vqa"].answer, single["vqa"].qtype)
-        assert single["vqa"].follow_ups == []
-        assert {t: s for t, s in multi.items() if t != "vqa"} == {t: s for t, s in single.items() if t != "vqa"}
+        vqa = _with_follow_ups(scene, "vqa", ("prompt", "answer", "qtype"), vqa_questions=4)
         prompts = [vqa.prompt] + [prompt for prompt, _ in vqa.follow_ups]
         assert len(set(prompts)) == len(prompts) <= 4
         for prompt, answer in vqa.follow_ups:
@@ -263,13 +268,7 @@ def test_a_multi_question_vqa_sample_is_a_multi_turn_conversation_in_the_officia
 
 def test_a_multi_object_rec_sample_asks_for_the_other_objects_after_the_single_target(scenes):
     for scene in scenes:
-        single = {s.task: s for s in syn.make_samples(scene)}
-        multi = {s.task: s for s in syn.make_samples(scene, rec_questions=3)}
-        rec = multi["rec"]
-        # The first turn, and every other task, are what a one-object sample has.
-        assert (rec.prompt, rec.answer, rec.box) == (single["rec"].prompt, single["rec"].answer, single["rec"].box)
-        assert single["rec"].follow_ups == []
-        assert {t: s for t, s in multi.items() if t != "rec"} == {t: s for t, s in single.items() if t != "rec"}
+        rec = _with_follow_ups(scene, "rec", ("prompt", "answer", "box"), rec_questions=3)
         # Up to two more objects, each named by its full expression and boxed where it is, none asked twice.
         assert len(rec.follow_ups) == min(2, len(scene.objects) - 1)
         by_expression = {f"<ref>{o.expression}</ref>": o for o in scene.objects}
