@@ -461,10 +461,6 @@ def _draw_vqa(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
     return qtype, question, answer
 
 
-def _check_vqa_questions(vqa_questions: int) -> None:
-    if not isinstance(vqa_questions, int) or isinstance(vqa_questions, bool) or vqa_questions < 1:
-        raise ValueError(f"vqa_questions must be an integer >= 1, got {vqa_questions!r}")
-
 
 def _follow_up_questions(scene: Scene, first_question: str, n: int) -> list[tuple[str, str]]:
     """Up to `n` more (prompt, answer) VQA turns, drawn as `_draw_vqa` draws, none repeating an earlier question (a
@@ -495,6 +491,7 @@ def _follow_up_referrals(scene: Scene, first_target: SceneObject, n: int) -> lis
 
 
 def _check_questions(n: int, name: str) -> None:
+    """`vqa_questions` and `rec_questions`: turns per training conversation."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
 
@@ -529,7 +526,7 @@ def make_samples(scene: Scene, tasks: tuple[str, ...] = TASKS, id_prefix: str | 
     evaluation splits keep the full expression the protocol scores.
     """
     check_tasks(tasks)
-    _check_vqa_questions(vqa_questions)
+    _check_questions(vqa_questions, "vqa_questions")
     _check_questions(rec_questions, "rec_questions")
     _check_minimal_rec_share(minimal_rec_share)
     rng = np.random.default_rng([scene.seed, 1])
@@ -730,7 +727,7 @@ def generate_dataset(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be an integer >= {MIN_IMAGE_SIZE}, got {image_size!r}")
-    _check_vqa_questions(vqa_questions)
+    _check_questions(vqa_questions, "vqa_questions")
     _check_questions(rec_questions, "rec_questions")
     _check_minimal_rec_share(minimal_rec_share)
 

@@ -442,18 +442,21 @@ class QwenVLDataCollator:
 
     def _pixel_values(self, images: list[tuple[Any, str, int]]) -> torch.Tensor:
         """Pixel values of `(image, where, index)` triples, in order; with `cache_images`, files come from the cache."""
-        processor = self.processor.image_processor
+        def process(triples: list[tuple[Any, str, int]]) -> torch.Tensor:
+            decoded = [_decode_image(image, where, k) for image, where, k in triples]
+            return self.processor.image_processor(decoded, return_tensors="pt")["pixel_values"]
+
         if self._pixels is None:
-            decoded = [_decode_image(image, where, k) for image, where, k in images]
-            return processor(decoded, return_tensors="pt")["pixel_values"]
+            return process(images)
         rows = []
-        for image, where, k in images:
+        for triple in images:
+            image = triple[0]
             if not isinstance(image, (str, os.PathLike)):
-                rows.append(processor([_decode_image(image, where, k)], return_tensors="pt")["pixel_values"][0])
+                rows.append(process([triple])[0])
                 continue
             key = os.fspath(image)
             if key not in self._pixels:
-                self._pixels[key] = processor([_decode_image(image, where, k)], return_tensors="pt")["pixel_values"][0]
+                self._pixels[key] = process([triple])[0]
             rows.append(self._pixels[key])
         return torch.stack(rows)
 
