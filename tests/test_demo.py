@@ -125,12 +125,29 @@ def test_stage_two_has_a_phase_on_the_focus_tasks_only_then_a_refresh_on_every_t
     assert sft["focus"]["tasks"] == recipe["focus"]["tasks"] == ["rec"]
     assert 0 < sft["focus"]["n_rows"] < sft["n_rows"]  # REC rows only, out of every task's rows
     assert sft["refresh"]["n_rows"] == sft["n_rows"]  # every task's rows again
+    for phase, phase_recipe in ((sft, recipe), (sft["focus"], recipe["focus"]), (sft["refresh"], recipe["refresh"])):
+        assert phase["n_rows_read"] == min(phase["n_rows"], phase_recipe["max_steps"] * phase_recipe["batch_size"])
     steps = [step for step, _ in sft["losses"]]
     total = recipe["max_steps"] + recipe["focus"]["max_steps"] + recipe["refresh"]["max_steps"]
     assert steps == sorted(steps) and steps[-1] == total
     # The intermediate checkpoints are not left behind.
     assert not (demo_dir / "sft_multitask").exists() and not (demo_dir / "sft_focus").exists()
     assert "| stage 2: multi-task SFT, then REC only, then all tasks |" in (demo_dir / "report.md").read_text()
+
+
+def test_a_phase_reads_as_many_rows_as_its_steps_take_drawn_at_random(tmp_path):
+    from qwenvl.demo import Demo
+
+    rows = [{"id": i} for i in range(100)]
+    demo = Demo(tmp_path, quick=True)
+    recipe = {"max_steps": 5, "batch_size": 4}
+    taken = demo._rows_for_steps(rows, recipe, "pretrain")
+    assert len(taken) == 20 and len({row["id"] for row in taken}) == 20
+    assert taken != rows[:20]  # a random draw, not the file's first rows
+    assert demo._rows_for_steps(rows, recipe, "pretrain") == taken  # seeded: a rerun reads the same rows
+    assert demo._rows_for_steps(rows, recipe, "sft_refresh") != taken
+    assert Demo(tmp_path, quick=True, seed=1)._rows_for_steps(rows, recipe, "pretrain") != taken
+    assert demo._rows_for_steps(rows, {"max_steps": 30, "batch_size": 4}, "sft") == rows  # fewer rows: all of them
 
 
 @pytest.mark.parametrize("weight", [-0.3, "0.3", True, float("nan")])

@@ -466,17 +466,34 @@ def test_splits_are_disjoint_on_disk(dataset):
         assert not seeds[a] & seeds[b] and not hashes[a] & hashes[b]
 
 
-def test_same_arguments_give_byte_identical_files(dataset, tmp_path):
-    out, _ = dataset
-    again = syn.generate_dataset(tmp_path / "again", n_train=8, n_val=3, n_test=3, image_size=64, seed=3)
-    root = again["info"].parent
+def _assert_same_files(out: Path, root: Path) -> None:
     files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
     for rel in files:
         assert (out / rel).read_bytes() == (root / rel).read_bytes(), rel
+
+
+def test_same_arguments_give_byte_identical_files(dataset, tmp_path):
+    out, _ = dataset
+    again = syn.generate_dataset(tmp_path / "again", n_train=8, n_val=3, n_test=3, image_size=64, seed=3)
+    _assert_same_files(out, again["info"].parent)
     other = syn.generate_dataset(tmp_path / "other", n_train=8, n_val=0, n_test=0, image_size=64, seed=4)
     assert other["train"].read_bytes() != (out / "train.json").read_bytes()
     assert json.loads(other["val"].read_text()) == []
+
+
+def test_worker_processes_write_the_same_files(dataset, tmp_path):
+    out, _ = dataset
+    parallel = syn.generate_dataset(tmp_path / "parallel", n_train=8, n_val=3, n_test=3, image_size=64, seed=3,
+                                    workers=2)
+    _assert_same_files(out, parallel["info"].parent)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_the_number_of_workers_must_be_a_positive_integer(bad, tmp_path):
+    with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+        syn.generate_dataset(tmp_path, n_train=1, n_val=0, n_test=0, workers=bad)
+    assert not (tmp_path / "images").exists()  # checked before anything is written
 
 
 def test_only_the_training_split_gets_multi_question_vqa_and_rec_conversations(tmp_path):

@@ -30,9 +30,11 @@ def resolve_image(root: Path, relative: str, where: str) -> Path:
     return path
 
 
-def _load_images(rows: Sequence[Mapping[str, Any]], root: Path, source: str) -> list[Image.Image]:
+def _load_images(rows: Sequence[Mapping[str, Any]], root: Path, source: str,
+                 numbers: Sequence[int] | None = None) -> list[Image.Image]:
+    """The rows' images as RGB; `numbers`: the rows' indices in `source`, for error messages (default 0, 1, ...)."""
     images = []
-    for index, row in enumerate(rows):
+    for index, row in zip(numbers if numbers is not None else range(len(rows)), rows):
         path = resolve_image(root, row["image"], f"{source} row {index} (id {row.get('id')!r})")
         with Image.open(path) as image:
             images.append(image.convert("RGB"))
@@ -49,15 +51,23 @@ def generate_answers(
     max_new_tokens: int = 48,
     source: str = "data",
 ) -> list[str]:
-    """Greedy answers to each row's `prompt` about its `image`, in batches."""
+    """Greedy answers to each row's `prompt` about its `image`, in the rows' order.
+
+    Batches are formed from rows of one task (then of like prompt lengths): a batch decodes until its longest answer
+    ends, so a one-word VQA answer batched with a caption waits for the caption (the demo's test file interleaves the
+    tasks per scene; 400 rows took 12.6 s so and 6.6 s grouped). Greedy answers do not depend on the batch.
+    """
     root = Path(image_root)
-    answers: list[str] = []
+    order = sorted(range(len(rows)), key=lambda i: (str(rows[i].get("task", "")), len(rows[i]["prompt"])))
+    answers: list[str] = [""] * len(rows)
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        images = _load_images(chunk, root, source)
+        indices = order[start : start + batch_size]
+        chunk = [rows[i] for i in indices]
+        images = _load_images(chunk, root, source, indices)
         responses, _ = model.batch_chat(processor, [row["prompt"] for row in chunk], images=[[img] for img in images],
                                         trusted_text=True, max_new_tokens=max_new_tokens, do_sample=False)
-        answers.extend(responses)
+        for i, response in zip(indices, responses):
+            answers[i] = response
     return answers
 
 
@@ -118,7 +128,7 @@ def answer_loss(model, processor, rows: Sequence[Mapping[str, Any]], image_root:
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        images = _load_images(chunk, root, source)
+        images = _load_images(chunk, root, source, range(start, start + len(chunk)))
         batch = collator([
             {"images": [image], "messages": [
                 {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["prompt"]}]},
