@@ -91,15 +91,11 @@ def _usable_cpus() -> int:
     return max(1, min(8, count))
 
 
-def _sft_rows(data_dir: Path, split: str, tasks: tuple[str, ...] | None = None) -> list[dict]:
+def _sft_rows(data_dir: Path, split: str) -> list[dict]:
     """Rows `{images: [path], messages: [...]}` read through the original finetune JSON (the format users bring)."""
     from .data.official import load_official_finetune_json
 
-    rows = load_official_finetune_json(data_dir / f"{split}.json", data_dir)
-    if tasks is None:
-        return rows
-    task_of = {sample["id"]: sample["task"] for sample in _read_jsonl(data_dir / f"{split}_samples.jsonl")}
-    return [row for row in rows if task_of[row["id"]] in tasks]
+    return load_official_finetune_json(data_dir / f"{split}.json", data_dir)
 
 
 def _cell_targets(classes: torch.Tensor, boxes: torch.Tensor, cells: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +180,7 @@ class Demo:
         self.paths = DemoPaths(Path(out))
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.records: dict[str, dict] = {}
-        self._processor = None
+        self._train_rows: dict[tuple[str, ...] | None, list[dict]] = {}
 
     # ---------------------------------------------------------------------------------------------------------
     # Stages
@@ -207,7 +203,7 @@ class Demo:
         from .tokenization_qwenvl import train_tokenizer
         from .train import localize_adapter
 
-        tokenizer = train_tokenizer(_chat_texts(_sft_rows(self.paths.data, "train")),
+        tokenizer = train_tokenizer(_chat_texts(self.train_rows()),
                                     vocab_size=self.recipe["tokenizer_vocab_size"])
         eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         spec = json.loads(json.dumps(self.model_spec))
@@ -383,7 +379,7 @@ class Demo:
         table = apply_stage(model, stage, verbose=True)
         if recipe.get("compile", False):
             compile_regions(model)  # in place: the saved checkpoint's names and weights are unchanged
-        available = _sft_rows(self.paths.data, "train", tasks)
+        available = self.train_rows(tasks)
         rows = self._rows_for_steps(available, recipe, folder.name)
         trainer = QwenVLTrainer(
             model=model,
@@ -401,6 +397,17 @@ class Demo:
         record = {"train_loss": result.training_loss, "losses": _losses(trainer.state.log_history),
                   "n_rows": len(available), "n_rows_read": len(rows)}
         return {**record, "metrics": self.evaluate(folder)} if evaluate else record
+
+    def train_rows(self, tasks: tuple[str, ...] | None = None) -> list[dict]:
+        """The training split's rows (of `tasks` only, if given), read once per run: five stages ask for them,
+        stage 2 four times, and reading the 40,000 rows of the finetune JSON takes ~3.5 s."""
+        if None not in self._train_rows:
+            self._train_rows[None] = _sft_rows(self.paths.data, "train")
+        key = None if tasks is None else tuple(tasks)
+        if key not in self._train_rows:
+            task_of = {row["id"]: row["task"] for row in _read_jsonl(self.paths.data / "train_samples.jsonl")}
+            self._train_rows[key] = [row for row in self._train_rows[None] if task_of[row["id"]] in key]
+        return self._train_rows[key]
 
     def _rows_for_steps(self, rows: list[dict], recipe: dict, phase: str) -> list[dict]:
         """As many rows as a phase's steps read (`max_steps` x `batch_size`), drawn at random (seeded by the run's seed
@@ -434,6 +441,14 @@ class Demo:
         collator = QwenVLDataCollator(self.processor(self.paths.pretrain), cache_encodings=True, cache_images=True)
         # Every phase trains the recipe's way.
         precision = {key: recipe[key] for key in ("bf16", "compile", "attn_implementation") if key in recipe}
+        # The rows the three phases will read, encoded on every core before the first step (16 s instead of 30 here).
+        ahead = {}
+        for folder, phase_recipe, phase_tasks in ((self.paths.sft_multitask, recipe, None),
+                                                  (self.paths.sft_focus, recipe["focus"], tasks),
+                                                  (self.paths.sft, recipe["refresh"], None)):
+            for row in self._rows_for_steps(self.train_rows(phase_tasks), phase_recipe, folder.name):
+                ahead[row["id"]] = row
+        collator.encode_ahead(list(ahead.values()), workers=_usable_cpus(), where="train row")
         mixed = self._train_sft(self.paths.pretrain, self.paths.sft_multitask, "multitask-frozen-vit", recipe,
                                 tasks=None, evaluate=False, collator=collator)
         focused = self._train_sft(self.paths.sft_multitask, self.paths.sft_focus, "multitask-frozen-vit",
@@ -588,7 +603,7 @@ class Demo:
         trainer = PPOTrainer(config, processor, policy, reward_model=reward_model,
                              # As many prompts as episodes: the split's 20,000 would be decoded for 128 of them.
                              train_dataset=self._ppo_rows("train", recipe["total_episodes"]),
-                             ptx_dataset=_sft_rows(self.paths.data, "train"),
+                             ptx_dataset=self.train_rows(),
                              ptx_collator=QwenVLDataCollator(processor))
         history = trainer.train()
         trainer.save_model(str(self.paths.ppo))

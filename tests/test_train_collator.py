@@ -263,6 +263,44 @@ def test_a_caching_collator_encodes_each_row_and_decodes_each_file_once_and_retu
         caching([{"images": []}])
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_encoding_ahead_fills_the_cache_with_what_encode_gives(processor, tmp_path, monkeypatch, workers):
+    RED.save(tmp_path / "red.png")
+    rows = [
+        {"id": f"row{k}", "images": [str(tmp_path / "red.png")],
+         "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"question {k}?"}]},
+                      {"role": "assistant", "content": "red" * (k % 3 + 1)}]}
+        for k in range(12)
+    ]
+    ahead = QwenVLDataCollator(processor, cache_encodings=True)
+    ahead.encode_ahead(rows + rows[:2] + [{"images": [RED], "messages": rows[0]["messages"]}], workers=workers)
+    assert len(ahead._encodings) == 12  # each distinct row once; a row holding an image object is left to `encode`
+    plain = QwenVLDataCollator(processor)
+    expected = [plain.encode(row) for row in rows]
+    expected_batch = plain(rows[:4])
+    monkeypatch.setattr(QwenVLDataCollator, "_render", lambda *args: pytest.fail("a cached row was rendered again"))
+    assert [ahead.encode(row) for row in rows] == expected
+    for key, value in expected_batch.items():
+        torch.testing.assert_close(ahead(rows[:4])[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_encoding_ahead_names_a_bad_row(processor, workers):
+    good = {"images": [], "messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": "x"}]}
+    rows = [good] * 5 + [{"id": "scene_7", "images": [], "messages": [{"role": "robot", "content": "x"}]}]
+    collator = QwenVLDataCollator(processor, cache_encodings=True)
+    with pytest.raises(ValueError, match=r"train row 5 \(id 'scene_7'\): .*role 'robot'"):
+        collator.encode_ahead(rows, workers=workers, where="train row")
+
+
+def test_encoding_ahead_needs_the_cache_and_a_worker_count(processor):
+    with pytest.raises(ValueError, match="cache_encodings=True"):
+        QwenVLDataCollator(processor).encode_ahead([])
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+            QwenVLDataCollator(processor, cache_encodings=True).encode_ahead([], workers=bad)
+
+
 def test_truncation_never_splits_an_image_span(model_and_processor):
     model, processor = model_and_processor
     full = QwenVLDataCollator(processor).encode(TWO_TURN)
