@@ -530,7 +530,7 @@ class Demo:
             per_device_train_batch_size=recipe["batch_size"], learning_rate=recipe["learning_rate"],
             lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=max(1, recipe["max_steps"] // 50),
             save_strategy="no", report_to=[], bf16=self.bf16, use_cpu=self.device == "cpu", seed=self.seed,
-            gradient_checkpointing=False, remove_unused_columns=False,
+            activation_checkpointing=False, remove_unused_columns=False,
         )
         held_out_pairs = self.paths.data / "test_preference.jsonl"
         n_pairs = self.recipe["eval"]["n_pairs"]
