@@ -441,20 +441,19 @@ class Demo:
         collator = QwenVLDataCollator(self.processor(self.paths.pretrain), cache_encodings=True, cache_images=True)
         # Every phase trains the recipe's way.
         precision = {key: recipe[key] for key in ("bf16", "compile", "attn_implementation") if key in recipe}
+        # (source, folder, recipe, tasks) of the three phases, each starting from the one before.
+        phases = ((self.paths.pretrain, self.paths.sft_multitask, recipe, None),
+                  (self.paths.sft_multitask, self.paths.sft_focus, {**precision, **recipe["focus"]}, tasks),
+                  (self.paths.sft_focus, self.paths.sft, {**precision, **recipe["refresh"]}, None))
         # The rows the three phases will read, encoded on every core before the first step (16 s instead of 30 here).
-        ahead = {}
-        for folder, phase_recipe, phase_tasks in ((self.paths.sft_multitask, recipe, None),
-                                                  (self.paths.sft_focus, recipe["focus"], tasks),
-                                                  (self.paths.sft, recipe["refresh"], None)):
-            for row in self._rows_for_steps(self.train_rows(phase_tasks), phase_recipe, folder.name):
-                ahead[row["id"]] = row
+        ahead = {row["id"]: row for _, folder, phase_recipe, phase_tasks in phases
+                 for row in self._rows_for_steps(self.train_rows(phase_tasks), phase_recipe, folder.name)}
         collator.encode_ahead(list(ahead.values()), workers=_usable_cpus(), where="train row")
-        mixed = self._train_sft(self.paths.pretrain, self.paths.sft_multitask, "multitask-frozen-vit", recipe,
-                                tasks=None, evaluate=False, collator=collator)
-        focused = self._train_sft(self.paths.sft_multitask, self.paths.sft_focus, "multitask-frozen-vit",
-                                  {**precision, **recipe["focus"]}, tasks=tasks, evaluate=False, collator=collator)
-        refreshed = self._train_sft(self.paths.sft_focus, self.paths.sft, "multitask-frozen-vit",
-                                    {**precision, **recipe["refresh"]}, tasks=None, collator=collator)
+        mixed, focused, refreshed = (
+            self._train_sft(source, folder, "multitask-frozen-vit", phase_recipe, tasks=phase_tasks,
+                            evaluate=folder == self.paths.sft, collator=collator)
+            for source, folder, phase_recipe, phase_tasks in phases
+        )
         for intermediate in (self.paths.sft_multitask, self.paths.sft_focus):
             shutil.rmtree(intermediate)  # the stage's result is `sft`
         focus_start = recipe["max_steps"]

@@ -493,7 +493,7 @@ def _follow_up_referrals(scene: Scene, first_target: SceneObject, n: int) -> lis
     return turns
 
 
-def _check_questions(n: int, name: str) -> None:
+def _check_count(n: int, name: str) -> None:
     """`vqa_questions` and `rec_questions`: turns per training conversation."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
@@ -529,8 +529,8 @@ def make_samples(scene: Scene, tasks: tuple[str, ...] = TASKS, id_prefix: str | 
     evaluation splits keep the full expression the protocol scores.
     """
     check_tasks(tasks)
-    _check_questions(vqa_questions, "vqa_questions")
-    _check_questions(rec_questions, "rec_questions")
+    _check_count(vqa_questions, "vqa_questions")
+    _check_count(rec_questions, "rec_questions")
     _check_minimal_rec_share(minimal_rec_share)
     rng = np.random.default_rng([scene.seed, 1])
     # Draw both choices up front so that the subset of tasks does not change either of them.
@@ -795,11 +795,10 @@ def generate_dataset(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be an integer >= {MIN_IMAGE_SIZE}, got {image_size!r}")
-    _check_questions(vqa_questions, "vqa_questions")
-    _check_questions(rec_questions, "rec_questions")
+    _check_count(vqa_questions, "vqa_questions")
+    _check_count(rec_questions, "rec_questions")
     _check_minimal_rec_share(minimal_rec_share)
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    _check_count(workers, "workers")
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)

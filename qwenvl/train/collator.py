@@ -290,11 +290,8 @@ class QwenVLDataCollator:
 
     def encode(self, feature: Mapping[str, Any], where: str = "sample") -> EncodedSample:
         """Token ids and labels of one feature (no image is decoded); `ValueError` naming `where` on bad input."""
-        if self._encodings is None:
-            return self._encode(feature, where)
-        try:
-            key = json.dumps(feature, sort_keys=True)
-        except (TypeError, ValueError):  # not plain JSON: an image object or bytes, which a key can't stand for
+        key = _cache_key(feature) if self._encodings is not None else None
+        if key is None:
             return self._encode(feature, where)
         cached = self._encodings.get(key)
         if cached is None:
@@ -313,16 +310,13 @@ class QwenVLDataCollator:
             raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
         todo, keys = [], set()
         for index, feature in enumerate(features):
-            try:
-                key = json.dumps(feature, sort_keys=True)
-            except (TypeError, ValueError):
-                continue
-            if key not in self._encodings and key not in keys:
+            key = _cache_key(feature)
+            if key is not None and key not in self._encodings and key not in keys:
                 keys.add(key)
                 named = f" (id {feature['id']!r})" if isinstance(feature, Mapping) and "id" in feature else ""
                 todo.append((f"{where} {index}{named}", key, feature))
         if workers == 1 or len(todo) < 2 * workers or "fork" not in multiprocessing.get_all_start_methods():
-            encoded = _encode_slices(self, todo, [(0, len(todo))])
+            encoded = _encode_rows(self, todo)
         else:
             encoded = _encode_forked(self, todo, workers)
         self._encodings.update(encoded)
@@ -538,10 +532,18 @@ def _packed(sample: EncodedSample) -> tuple:
             sample.images_dropped)
 
 
-def _encode_slices(collator: QwenVLDataCollator, todo: list[tuple[str, str, Any]],
-                   slices: list[tuple[int, int]]) -> list[tuple[str, tuple]]:
-    return [(key, _packed(collator._encode(feature, where)))
-            for start, stop in slices for where, key, feature in todo[start:stop]]
+def _cache_key(feature: Any) -> str | None:
+    """The encoding cache's key for a row: its JSON text, or None for a row JSON can't spell (an image object,
+    bytes), which a key can't stand for."""
+    try:
+        return json.dumps(feature, sort_keys=True)
+    except (TypeError, ValueError):
+        return None
+
+
+def _encode_rows(collator: QwenVLDataCollator, todo: list[tuple[str, str, Any]]) -> list[tuple[str, tuple]]:
+    """`(key, packed encoding)` of each `(where, key, feature)`."""
+    return [(key, _packed(collator._encode(feature, where))) for where, key, feature in todo]
 
 
 _FORKED_WORK: tuple | None = None  # (collator, todo): what forked encoders inherit instead of receiving it pickled
@@ -549,7 +551,7 @@ _FORKED_WORK: tuple | None = None  # (collator, todo): what forked encoders inhe
 
 def _encode_forked_slice(bounds: tuple[int, int]) -> list[tuple[str, tuple]]:
     collator, todo = _FORKED_WORK
-    return _encode_slices(collator, todo, [bounds])
+    return _encode_rows(collator, todo[bounds[0] : bounds[1]])
 
 
 def _encode_forked(collator: QwenVLDataCollator, todo: list[tuple[str, str, Any]],
