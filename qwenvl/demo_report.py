@@ -14,12 +14,13 @@ _TASK_NAMES = {"rec": "REC", "vqa": "VQA", "grounded_caption": "grounded caption
 
 
 def stage_label(stage: str, records: dict) -> str:
-    """A stage's row label; stage 2 names its focus phase's tasks and its refresh phase when it had them
-    (`Demo.stage_sft`)."""
+    """A stage's row label; stage 2 names its focus phases' tasks and its refresh phase when it had them
+    (`Demo.stage_sft`; a record of the one-phase recipe holds one focus phase, not a list)."""
     label = dict(EVAL_STAGES)[stage]
     record = records.get(stage, {}) if stage == "sft" else {}
-    if record.get("focus"):
-        label += ", then " + " + ".join(_TASK_NAMES.get(task, task) for task in record["focus"]["tasks"]) + " only"
+    focus = record.get("focus") or []
+    for phase in [focus] if isinstance(focus, dict) else focus:
+        label += ", then " + " + ".join(_TASK_NAMES.get(task, task) for task in phase["tasks"]) + " only"
     if record.get("refresh"):
         label += ", then all tasks"
     return label

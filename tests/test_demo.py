@@ -117,22 +117,40 @@ def test_the_reward_model_is_scored_before_and_after_its_pairwise_training(demo_
     assert f"before this stage's training: {before['accuracy']:.3f}" in report
 
 
-def test_stage_two_has_a_phase_on_the_focus_tasks_only_then_a_refresh_on_every_task(demo_dir):
+def test_stage_two_has_phases_on_the_focus_tasks_only_then_a_refresh_on_every_task(demo_dir):
     from qwenvl.demo import CONFIG_PATH
 
     recipe = json.loads(CONFIG_PATH.read_text())["quick"]["sft"]
     sft = json.loads((demo_dir / "sft" / "done.json").read_text())
-    assert sft["focus"]["tasks"] == recipe["focus"]["tasks"] == ["rec"]
-    assert 0 < sft["focus"]["n_rows"] < sft["n_rows"]  # REC rows only, out of every task's rows
+    assert [phase["tasks"] for phase in sft["focus"]] == [phase["tasks"] for phase in recipe["focus"]] == [["rec"],
+                                                                                                           ["vqa"]]
+    for phase in sft["focus"]:
+        assert 0 < phase["n_rows"] < sft["n_rows"]  # the phase's task's rows only, out of every task's rows
     assert sft["refresh"]["n_rows"] == sft["n_rows"]  # every task's rows again
-    for phase, phase_recipe in ((sft, recipe), (sft["focus"], recipe["focus"]), (sft["refresh"], recipe["refresh"])):
+    phases = [(sft, recipe), *zip(sft["focus"], recipe["focus"]), (sft["refresh"], recipe["refresh"])]
+    for phase, phase_recipe in phases:
         assert phase["n_rows_read"] == min(phase["n_rows"], phase_recipe["max_steps"] * phase_recipe["batch_size"])
     steps = [step for step, _ in sft["losses"]]
-    total = recipe["max_steps"] + recipe["focus"]["max_steps"] + recipe["refresh"]["max_steps"]
-    assert steps == sorted(steps) and steps[-1] == total
+    assert steps == sorted(steps) and steps[-1] == sum(phase_recipe["max_steps"] for _, phase_recipe in phases)
     # The intermediate checkpoints are not left behind.
-    assert not (demo_dir / "sft_multitask").exists() and not (demo_dir / "sft_focus").exists()
-    assert "| stage 2: multi-task SFT, then REC only, then all tasks |" in (demo_dir / "report.md").read_text()
+    assert [path.name for path in demo_dir.iterdir() if path.name.startswith("sft")] == ["sft"]
+    assert "| stage 2: multi-task SFT, then REC only, then VQA only, then all tasks |" in (
+        demo_dir / "report.md").read_text()
+
+
+def test_a_one_phase_focus_recipe_still_reads_as_one_phase(tmp_path):
+    from qwenvl.demo import Demo
+    from qwenvl.demo_report import stage_label
+
+    demo = Demo(tmp_path, quick=True)
+    phase = {"tasks": ["rec"], "max_steps": 4, "batch_size": 4, "learning_rate": 1e-3}
+    demo.recipe["sft"]["focus"] = phase
+    assert demo.focus_phases() == [(phase, ("rec",))]
+    # A record written by the one-phase recipe (its focus a dict) still gets its label.
+    record = {"focus": {"tasks": ["rec"]}, "refresh": {}}
+    assert stage_label("sft", {"sft": record}) == "stage 2: multi-task SFT, then REC only"
+    record["refresh"] = {"train_loss": 0.1}
+    assert stage_label("sft", {"sft": record}) == "stage 2: multi-task SFT, then REC only, then all tasks"
 
 
 def test_a_phase_reads_as_many_rows_as_its_steps_take_drawn_at_random(tmp_path):
@@ -165,12 +183,18 @@ def test_a_focus_phase_naming_an_unknown_task_is_refused_before_training(tmp_pat
     from qwenvl.demo import Demo
 
     demo = Demo(tmp_path, quick=True)
-    demo.recipe["sft"]["focus"]["tasks"] = ["REC"]
-    with pytest.raises(ValueError, match=r"recipe sft.focus.tasks: unknown task\(s\) \['REC'\]; expected .*'rec'"):
+    demo.recipe["sft"]["focus"][1]["tasks"] = ["VQA"]
+    with pytest.raises(ValueError, match=r"recipe sft.focus\[1\].tasks: unknown task\(s\) \['VQA'\]; expected .*'vqa'"):
         demo.stage_sft()
-    demo.recipe["sft"]["focus"]["tasks"] = []
-    with pytest.raises(ValueError, match=r"recipe sft.focus.tasks is empty"):
+    demo.recipe["sft"]["focus"][1]["tasks"] = []
+    with pytest.raises(ValueError, match=r"recipe sft.focus\[1\].tasks is empty"):
         demo.run()  # before the first stage
+    del demo.recipe["sft"]["focus"][0]["learning_rate"]
+    with pytest.raises(ValueError, match=r"recipe sft.focus\[0\] lacks \['learning_rate'\]"):
+        demo.run()
+    demo.recipe["sft"]["focus"] = []
+    with pytest.raises(ValueError, match=r"recipe sft.focus is empty"):
+        demo.run()
     assert not (tmp_path / "data").exists()
     assert not (tmp_path / "sft_multitask").exists() and not (tmp_path / "sft").exists()
 
@@ -191,8 +215,8 @@ def test_stage_two_trains_in_its_recipes_precision_in_every_phase(demo_dir, tmp_
     monkeypatch.setattr(demo_module, "_training_arguments",
                         lambda *args, **kwargs: autocast.append(args[4]) or arguments(*args, **kwargs))
     record = demo.stage_sft()
-    # Multi-task, then REC, then every task again.
-    assert compiled == [("QwenVLForConditionalGeneration", "eager")] * 3 and autocast == [True, True, True]
+    # Multi-task, then REC, then VQA, then every task again.
+    assert compiled == [("QwenVLForConditionalGeneration", "eager")] * 4 and autocast == [True] * 4
     assert record["metrics"]["rec"]["n"] > 0 and (tmp_path / "sft" / "model.safetensors").exists()
     # The attention choice is the training's, not the checkpoint's: the saved model loads with SDPA.
     assert "attn_implementation" not in (tmp_path / "sft" / "config.json").read_text()
@@ -221,7 +245,7 @@ def test_stage_two_uses_bf16_where_the_machine_runs_it_faster(tmp_path, monkeypa
     fast = speedup > 1
 
     assert demo.trains_in_bf16(demo.recipe["sft"]) is fast
-    assert demo.trains_in_bf16({**demo.recipe["sft"]["focus"], "bf16": "auto"}) is fast
+    assert demo.trains_in_bf16({**demo.recipe["sft"]["focus"][0], "bf16": "auto"}) is fast
     assert demo.trains_in_bf16(demo.recipe["reward"]) is False  # other stages: fp32 unless --bf16
     expected = "in bf16 autocast with regional torch.compile" if fast else "with regional torch.compile"
     expected += " with eager attention"  # the recipe's: faster than SDPA in compiled blocks on a CPU
