@@ -156,6 +156,11 @@ def _chat_texts(rows: list[dict]) -> list[str]:
     return rendered
 
 
+def _phase_summary(record: dict) -> dict:
+    """What stage 2's record keeps of a later phase's record."""
+    return {key: record[key] for key in ("train_loss", "n_rows", "n_rows_read")}
+
+
 def _losses(log_history: list[dict], key: str = "loss") -> list[tuple[int, float]]:
     return [(entry["step"], entry[key]) for entry in log_history if key in entry and "step" in entry]
 
@@ -180,7 +185,7 @@ class Demo:
         self.paths = DemoPaths(Path(out))
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.records: dict[str, dict] = {}
-        self._train_rows: dict[tuple[str, ...] | None, list[dict]] = {}
+        self._train_rows: dict[str | tuple[str, ...], list[dict]] = {}  # "file": every row of train.json
 
     # ---------------------------------------------------------------------------------------------------------
     # Stages
@@ -192,10 +197,11 @@ class Demo:
         data = self.recipe["data"]
         generate_dataset(self.paths.data, data["n_train"], data["n_val"], data["n_test"], image_size=data["canvas"],
                          seed=self.seed, vqa_questions=data["vqa_questions"], rec_questions=data["rec_questions"],
-                         minimal_rec_share=data["minimal_rec_share"], workers=_usable_cpus())
+                         minimal_rec_share=data["minimal_rec_share"], workers=_usable_cpus(),
+                         drill=data.get("drill", ()))
         return {"n_train_scenes": data["n_train"], "n_test_scenes": data["n_test"],
                 "vqa_questions": data["vqa_questions"], "rec_questions": data["rec_questions"],
-                "minimal_rec_share": data["minimal_rec_share"]}
+                "minimal_rec_share": data["minimal_rec_share"], "drill": list(data.get("drill", ()))}
 
     def stage_init(self) -> dict:
         from . import QwenVLConfig, QwenVLForConditionalGeneration
@@ -399,14 +405,16 @@ class Demo:
         return {**record, "metrics": self.evaluate(folder)} if evaluate else record
 
     def train_rows(self, tasks: tuple[str, ...] | None = None) -> list[dict]:
-        """The training split's rows (of `tasks` only, if given), read once per run: five stages ask for them,
-        stage 2 four times, and reading the 40,000 rows of the finetune JSON takes ~3.5 s."""
-        if None not in self._train_rows:
-            self._train_rows[None] = _sft_rows(self.paths.data, "train")
-        key = None if tasks is None else tuple(tasks)
+        """The training split's rows of `tasks` (default: the evaluated tasks, not the drills), read once per run:
+        five stages ask for them, stage 2 five times, and reading the 40,000 rows of the finetune JSON takes ~3.5 s."""
+        from .data.synthetic import TASKS
+
+        if "file" not in self._train_rows:
+            self._train_rows["file"] = _sft_rows(self.paths.data, "train")
+        key = TASKS if tasks is None else tuple(tasks)
         if key not in self._train_rows:
             task_of = {row["id"]: row["task"] for row in _read_jsonl(self.paths.data / "train_samples.jsonl")}
-            self._train_rows[key] = [row for row in self._train_rows[None] if task_of[row["id"]] in key]
+            self._train_rows[key] = [row for row in self._train_rows["file"] if task_of[row["id"]] in key]
         return self._train_rows[key]
 
     def _rows_for_steps(self, rows: list[dict], recipe: dict, phase: str) -> list[dict]:
@@ -453,7 +461,8 @@ class Demo:
         ahead = {row["id"]: row for folder, phase_recipe, phase_tasks in phases
                  for row in self._rows_for_steps(self.train_rows(phase_tasks), phase_recipe, folder.name)}
         collator.encode_ahead(list(ahead.values()), workers=_usable_cpus(), where="train row")
-        records, source, start, losses = [], self.paths.pretrain, 0, []
+        records, losses = [], []
+        source, start = self.paths.pretrain, 0
         for folder, phase_recipe, phase_tasks in phases:
             record = self._train_sft(source, folder, "multitask-frozen-vit", phase_recipe, tasks=phase_tasks,
                                      evaluate=folder == self.paths.sft, collator=collator)
@@ -463,10 +472,10 @@ class Demo:
         for folder, _, _ in phases[:-1]:
             shutil.rmtree(folder)  # the stage's result is `sft`
         mixed, refreshed = records[0], records[-1]
-        summary = lambda record: {key: record[key] for key in ("train_loss", "n_rows", "n_rows_read")}
         return {**mixed, "losses": losses, "metrics": refreshed["metrics"],
-                "focus": [{"tasks": list(tasks), **summary(record)} for (_, tasks), record in zip(focus, records[1:])],
-                "refresh": summary(refreshed)}
+                "focus": [{"tasks": list(tasks), **_phase_summary(record)}
+                          for (_, tasks), record in zip(focus, records[1:])],
+                "refresh": _phase_summary(refreshed)}
 
     def attribute_weight(self) -> float:
         """The vision stage's `attribute_weight`, checked: `run` calls this before any stage, like `focus_phases`."""
@@ -492,9 +501,10 @@ class Demo:
     def focus_phases(self) -> list[tuple[dict, tuple[str, ...]]]:
         """Stage 2's focus phases (recipe `sft.focus`: a list of phases, or one phase) with their tasks, checked:
         `run` calls this before any stage, so a typo costs no training."""
-        from .data.synthetic import check_tasks
+        from .data.synthetic import DRILL_TASKS, TASKS, check_tasks
 
         focus = self.recipe["sft"]["focus"]
+        drill = list(self.recipe["data"].get("drill", ()))
         phases = [focus] if isinstance(focus, dict) else list(focus)
         if not phases:
             raise ValueError("recipe sft.focus is empty: give stage 2 at least one focus phase, e.g. "
@@ -508,7 +518,11 @@ class Demo:
             tasks = tuple(phase["tasks"])
             if not tasks:
                 raise ValueError(f"{where}.tasks is empty: name the tasks of this focus phase, e.g. ['rec']")
-            check_tasks(tasks, where=f"{where}.tasks")
+            check_tasks(tasks, where=f"{where}.tasks", allowed=TASKS + DRILL_TASKS)
+            undrawn = [task.removesuffix("_drill") for task in tasks if task in DRILL_TASKS
+                       and task.removesuffix("_drill") not in drill]
+            if undrawn:
+                raise ValueError(f"{where}.tasks: no training rows drill {undrawn}: recipe data.drill is {drill}")
             checked.append((phase, tasks))
         return checked
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -10,7 +11,8 @@ from PIL import Image, ImageDraw
 TARGETS = {"rec": 0.80, "vqa": 0.90, "reward": 0.90}
 EVAL_STAGES = (("init", "untrained"), ("pretrain", "stage 1: adapter pre-training"),
                ("sft", "stage 2: multi-task SFT"), ("ppo", "stage 3: PPO-ptx"))
-_TASK_NAMES = {"rec": "REC", "vqa": "VQA", "grounded_caption": "grounded captions", "caption": "captions"}
+_TASK_NAMES = {"rec": "REC", "vqa": "VQA", "grounded_caption": "grounded captions", "caption": "captions",
+               **{f"{qtype}_drill": f"{qtype} questions" for qtype in ("color", "shape", "count", "digit", "position")}}
 
 
 def stage_label(stage: str, records: dict) -> str:
@@ -51,7 +53,7 @@ def plot_losses(records: dict, path: Path) -> None:
         if points:
             steps, values = zip(*points)
             axis.plot(steps, values, color="#4e79a7")
-        axis.set_title(title)
+        axis.set_title(textwrap.fill(title, 48), fontsize=10)  # stage 2's label names each of its phases
         axis.set_xlabel("step")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
@@ -62,7 +64,7 @@ def plot_losses(records: dict, path: Path) -> None:
             if key in history[0]:
                 axis.plot(updates, [h[key] for h in history], color=color, label=key)
         axis.legend(fontsize=7)
-    axis.set_title("stage 3: PPO-ptx")
+    axis.set_title("stage 3: PPO-ptx", fontsize=10)
     axis.set_xlabel("update")
     axis.grid(alpha=0.3)
     figure.tight_layout()

@@ -122,8 +122,8 @@ def test_stage_two_has_phases_on_the_focus_tasks_only_then_a_refresh_on_every_ta
 
     recipe = json.loads(CONFIG_PATH.read_text())["quick"]["sft"]
     sft = json.loads((demo_dir / "sft" / "done.json").read_text())
-    assert [phase["tasks"] for phase in sft["focus"]] == [phase["tasks"] for phase in recipe["focus"]] == [["rec"],
-                                                                                                           ["vqa"]]
+    assert [phase["tasks"] for phase in sft["focus"]] == [phase["tasks"] for phase in recipe["focus"]] == [
+        ["rec"], ["vqa"], ["position_drill"]]
     for phase in sft["focus"]:
         assert 0 < phase["n_rows"] < sft["n_rows"]  # the phase's task's rows only, out of every task's rows
     assert sft["refresh"]["n_rows"] == sft["n_rows"]  # every task's rows again
@@ -134,8 +134,8 @@ def test_stage_two_has_phases_on_the_focus_tasks_only_then_a_refresh_on_every_ta
     assert steps == sorted(steps) and steps[-1] == sum(phase_recipe["max_steps"] for _, phase_recipe in phases)
     # The intermediate checkpoints are not left behind.
     assert [path.name for path in demo_dir.iterdir() if path.name.startswith("sft")] == ["sft"]
-    assert "| stage 2: multi-task SFT, then REC only, then VQA only, then all tasks |" in (
-        demo_dir / "report.md").read_text()
+    label = "stage 2: multi-task SFT, then REC only, then VQA only, then position questions only, then all tasks"
+    assert f"| {label} |" in (demo_dir / "report.md").read_text()
 
 
 def test_a_one_phase_focus_recipe_still_reads_as_one_phase(tmp_path):
@@ -192,6 +192,12 @@ def test_a_focus_phase_naming_an_unknown_task_is_refused_before_training(tmp_pat
     del demo.recipe["sft"]["focus"][0]["learning_rate"]
     with pytest.raises(ValueError, match=r"recipe sft.focus\[0\] lacks \['learning_rate'\]"):
         demo.run()
+    demo.recipe["sft"]["focus"][0]["learning_rate"] = 1e-3
+    demo.recipe["sft"]["focus"][1]["tasks"] = ["vqa"]
+    demo.recipe["data"]["drill"] = []  # the position-drill phase would find no rows
+    with pytest.raises(ValueError, match=r"recipe sft.focus\[2\].tasks: no training rows drill \['position'\]: "
+                                         r"recipe data.drill is \[\]"):
+        demo.run()
     demo.recipe["sft"]["focus"] = []
     with pytest.raises(ValueError, match=r"recipe sft.focus is empty"):
         demo.run()
@@ -215,8 +221,8 @@ def test_stage_two_trains_in_its_recipes_precision_in_every_phase(demo_dir, tmp_
     monkeypatch.setattr(demo_module, "_training_arguments",
                         lambda *args, **kwargs: autocast.append(args[4]) or arguments(*args, **kwargs))
     record = demo.stage_sft()
-    # Multi-task, then REC, then VQA, then every task again.
-    assert compiled == [("QwenVLForConditionalGeneration", "eager")] * 4 and autocast == [True] * 4
+    # Multi-task, then REC, then VQA, then position questions, then every task again.
+    assert compiled == [("QwenVLForConditionalGeneration", "eager")] * 5 and autocast == [True] * 5
     assert record["metrics"]["rec"]["n"] > 0 and (tmp_path / "sft" / "model.safetensors").exists()
     # The attention choice is the training's, not the checkpoint's: the saved model loads with SDPA.
     assert "attn_implementation" not in (tmp_path / "sft" / "config.json").read_text()

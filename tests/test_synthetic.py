@@ -523,6 +523,52 @@ def test_only_the_training_split_gets_multi_question_vqa_and_rec_conversations(t
     assert firsts == [(r["id"], r["prompt"], r["answer"]) for r in _read_jsonl(paths["train_samples"])]
 
 
+def test_a_drill_sample_asks_distinct_questions_of_its_type_only(scenes):
+    sizes = set()
+    for scene in scenes:
+        drill = syn.drill_sample(scene, "position", 4, id_prefix="x")
+        if len(scene.objects) == 1:
+            assert drill is None  # a lone object has no position question
+            continue
+        if drill is None:
+            continue  # objects overlapping on both axes: nothing to ask
+        assert (drill.id, drill.task, drill.qtype) == ("x_position_drill", "position_drill", "position")
+        turns = [(drill.prompt, drill.answer)] + drill.follow_ups
+        assert drill.short_answer == drill.answer and len({prompt for prompt, _ in turns}) == len(turns) <= 4
+        for prompt, answer in turns:
+            assert re.fullmatch(r"Is .+ (to the left or to the right of|above or below) .+\? Answer:", prompt)
+            assert answer == oracle(scene, prompt)
+        sizes.add(len(turns))
+        assert syn.drill_sample(scene, "position", 4, id_prefix="x") == drill  # drawn from the scene's seed
+    assert 4 in sizes
+
+
+def test_drill_rows_are_added_to_the_training_split_only_and_change_no_other_row(tmp_path):
+    plain = syn.generate_dataset(tmp_path / "plain", n_train=12, n_val=3, n_test=3, image_size=64, seed=3,
+                                 vqa_questions=2)
+    drilled = syn.generate_dataset(tmp_path / "drill", n_train=12, n_val=3, n_test=3, image_size=64, seed=3,
+                                   vqa_questions=2, drill=["position"])
+    rows = _read_jsonl(drilled["train_samples"])
+    drills = [row for row in rows if row["task"] == "position_drill"]
+    assert 0 < len(drills) < 12 and all(row["id"].endswith("_position_drill") for row in drills)
+    assert [row for row in rows if row["task"] != "position_drill"] == _read_jsonl(plain["train_samples"])
+    official = json.loads(drilled["train"].read_text(encoding="utf-8"))
+    assert [row for row in official if not row["id"].endswith("_drill")] == json.loads(
+        plain["train"].read_text(encoding="utf-8"))
+    for name in ("val", "val_samples", "test", "test_samples", "train_ppo", "train_preference"):
+        assert drilled[name].read_bytes() == plain[name].read_bytes()
+    info = json.loads(drilled["info"].read_text(encoding="utf-8"))
+    assert info["drill"] == {"train": ["position"], "val": [], "test": []}
+    assert "drill" not in json.loads(plain["info"].read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("bad", ["position", ["where"], ["count", "count"], [3]])
+def test_drill_must_name_distinct_vqa_types(bad, tmp_path):
+    with pytest.raises(ValueError, match="drill"):
+        syn.generate_dataset(tmp_path, n_train=1, n_val=0, n_test=0, drill=bad)
+    assert not (tmp_path / "train.json").exists()
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

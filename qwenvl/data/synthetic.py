@@ -73,6 +73,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 TASKS: tuple[str, ...] = ("caption", "vqa", "rec", "grounded_caption")
 VQA_TYPES: tuple[str, ...] = ("color", "shape", "count", "digit", "position")
+DRILL_TASKS: tuple[str, ...] = tuple(f"{qtype}_drill" for qtype in VQA_TYPES)
+"""Training-only tasks (`generate_dataset(drill=...)`): conversations asking questions of one VQA type only."""
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 CAPTION_PROMPT = "Describe the image in English:"
@@ -504,11 +506,39 @@ def _check_minimal_rec_share(share: float) -> None:
         raise ValueError(f"minimal_rec_share must be a number in [0, 1], got {share!r}")
 
 
-def check_tasks(tasks: Sequence[str], where: str = "tasks") -> None:
-    """Raise a ValueError naming `where` (e.g. a recipe field) when `tasks` holds a name outside `TASKS`."""
-    unknown = [t for t in tasks if t not in TASKS]
+def check_tasks(tasks: Sequence[str], where: str = "tasks", allowed: Sequence[str] = TASKS) -> None:
+    """Raise a ValueError naming `where` (e.g. a recipe field) when `tasks` holds a name outside `allowed`."""
+    unknown = [t for t in tasks if t not in allowed]
     if unknown:
-        raise ValueError(f"{where}: unknown task(s) {unknown}; expected a subset of {TASKS}")
+        raise ValueError(f"{where}: unknown task(s) {unknown}; expected a subset of {tuple(allowed)}")
+
+
+def _check_drill(drill: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(drill, str) or not all(isinstance(qtype, str) for qtype in drill):
+        raise ValueError(f"drill must be a sequence of VQA types from {VQA_TYPES}, got {drill!r}")
+    unknown = [qtype for qtype in drill if qtype not in VQA_TYPES]
+    if unknown or len(set(drill)) != len(drill):
+        raise ValueError(f"drill: {list(drill)} must name distinct VQA types from {VQA_TYPES}")
+    return tuple(drill)
+
+
+def drill_sample(scene: Scene, qtype: str, questions: int, id_prefix: str | None = None) -> Sample | None:
+    """A conversation of up to `questions` distinct `qtype` questions about `scene` (task `f"{qtype}_drill"`), or None
+    where the scene has no such question (a one-object scene has no position question).
+
+    Mixed among the other types a kind of question can stay unlearnt: position questions are ~19 % of the demo's
+    training VQA turns, and every stage-2 model answered them at chance until a phase on them alone (README, "A
+    VQA phase after the REC phase"); these rows are that phase's data.
+    """
+    pool = list(_vqa_candidates(scene).get(qtype, []))
+    if not pool:
+        return None
+    order = np.random.default_rng([scene.seed, 5, VQA_TYPES.index(qtype)]).permutation(len(pool))
+    turns = [(VQA_PROMPT.format(question=pool[i][0]), pool[i][1]) for i in order[:questions]]
+    (prompt, answer), follow_ups = turns[0], turns[1:]
+    prefix = id_prefix if id_prefix is not None else f"scene{scene.seed}"
+    return Sample(f"{prefix}_{qtype}_drill", f"{qtype}_drill", prompt, answer, qtype=qtype, short_answer=answer,
+                  follow_ups=follow_ups)
 
 
 def make_samples(scene: Scene, tasks: tuple[str, ...] = TASKS, id_prefix: str | None = None,
@@ -689,7 +719,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def _write_scene(
     index: int, out: Path, split: str, seed: int, image_size: int, vqa_questions: int, rec_questions: int,
-    minimal_rec_share: float,
+    minimal_rec_share: float, drill: tuple[str, ...] = (),
 ) -> tuple[list[dict], list[dict], list[dict], list[dict], dict]:
     """Draw scene `index` of `split`, save its PNG, and return its rows: (official, samples, preference, ppo, scene)."""
     scene = make_scene(scene_seed(split, index, seed), image_size)
@@ -698,8 +728,10 @@ def _write_scene(
     scene.image.save(out / image_path, format="PNG", optimize=False)
     size = list(scene.image_size)
     official, samples_rows, ppo_rows = [], [], []
-    for sample in make_samples(scene, id_prefix=name, vqa_questions=vqa_questions,
-                               minimal_rec_share=minimal_rec_share, rec_questions=rec_questions):
+    samples = make_samples(scene, id_prefix=name, vqa_questions=vqa_questions, minimal_rec_share=minimal_rec_share,
+                           rec_questions=rec_questions)
+    drills = (drill_sample(scene, qtype, vqa_questions, id_prefix=name) for qtype in drill)
+    for sample in [*samples, *(sample for sample in drills if sample is not None)]:
         official.append(sample.to_official(image_path))
         samples_rows.append(
             {
@@ -761,12 +793,15 @@ def generate_dataset(
     minimal_rec_share: float = 0.0,
     rec_questions: int = 1,
     workers: int = 1,
+    drill: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write the synthetic dataset under `out_dir`; `n_*` count scenes (images), each giving one sample per task.
 
     `vqa_questions`, `rec_questions` and `minimal_rec_share` shape the training split only (`make_samples`);
     validation and test samples always ask one question and name REC targets by the full expression, the protocol
-    their evaluation scores.
+    their evaluation scores. `drill` (VQA types, e.g. `("position",)`) adds to each training scene that has such
+    questions a conversation of up to `vqa_questions` of them (`drill_sample`, task `"<type>_drill"`), after its
+    other samples; the other rows do not change.
 
     Files (image paths inside them are relative to `out_dir`):
 
@@ -799,6 +834,7 @@ def generate_dataset(
     _check_count(rec_questions, "rec_questions")
     _check_minimal_rec_share(minimal_rec_share)
     _check_count(workers, "workers")
+    drill = _check_drill(drill)
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -810,7 +846,7 @@ def generate_dataset(
             write = partial(
                 _write_scene, out=out, split=split, seed=seed, image_size=image_size,
                 vqa_questions=vqa_questions if train else 1, rec_questions=rec_questions if train else 1,
-                minimal_rec_share=minimal_rec_share if train else 0.0,
+                minimal_rec_share=minimal_rec_share if train else 0.0, drill=drill if train else (),
             )
             # Scenes are independent (each from its own seed), so workers return the same rows in the same order.
             records = pool.map(write, range(n), chunksize=max(1, n // (8 * workers))) if pool else map(write, range(n))
@@ -847,6 +883,7 @@ def generate_dataset(
             "vqa_questions": {"train": vqa_questions, "val": 1, "test": 1},
             "rec_questions": {"train": rec_questions, "val": 1, "test": 1},
             "minimal_rec_share": {"train": minimal_rec_share, "val": 0.0, "test": 0.0},
+            **({"drill": {"train": list(drill), "val": [], "test": []}} if drill else {}),
             "splits": info_splits,
             "tasks": list(TASKS),
             "vqa_types": list(VQA_TYPES),
@@ -869,6 +906,7 @@ __all__ = [
     "SHAPES",
     "TASKS",
     "VQA_TYPES",
+    "DRILL_TASKS",
     "SPLITS",
     "DIGIT_POOLS",
     "SCENES_PER_SPLIT",
@@ -887,6 +925,7 @@ __all__ = [
     "check_tasks",
     "minimal_expression",
     "make_samples",
+    "drill_sample",
     "make_preference_pairs",
     "PATCH_CLASSES",
     "patch_targets",
