@@ -527,8 +527,8 @@ def drill_sample(scene: Scene, qtype: str, questions: int, id_prefix: str | None
     where the scene has no such question (a one-object scene has no position question).
 
     Mixed among the other types a kind of question can stay unlearnt: position questions are ~19 % of the demo's
-    training VQA turns, and every stage-2 model answered them at chance until a phase on them alone (README, "A
-    VQA phase after the REC phase"); these rows are that phase's data.
+    training VQA turns, and every stage-2 model answered them at chance until a phase on them alone (README,
+    "Phases on VQA rows and on position questions"); these rows are that phase's data.
     """
     pool = list(_vqa_candidates(scene).get(qtype, []))
     if not pool:
