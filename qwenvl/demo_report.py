@@ -8,11 +8,13 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .data.synthetic import VQA_TYPES
+
 TARGETS = {"rec": 0.80, "vqa": 0.90, "reward": 0.90}
 EVAL_STAGES = (("init", "untrained"), ("pretrain", "stage 1: adapter pre-training"),
                ("sft", "stage 2: multi-task SFT"), ("ppo", "stage 3: PPO-ptx"))
 _TASK_NAMES = {"rec": "REC", "vqa": "VQA", "grounded_caption": "grounded captions", "caption": "captions",
-               **{f"{qtype}_drill": f"{qtype} questions" for qtype in ("color", "shape", "count", "digit", "position")}}
+               **{f"{qtype}_drill": f"{qtype} questions" for qtype in VQA_TYPES}}
 
 
 def stage_label(stage: str, records: dict) -> str:
@@ -162,6 +164,8 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
         shaping.append(f"up to {n_referrals} objects per training REC conversation")
     if minimal_share > 0:
         shaping.append(f"{minimal_share:.0%} of training REC rows name their object by the shortest unique phrase")
+    for qtype in data.get("drill", []):
+        shaping.append(f"a conversation of {qtype} questions only per training scene that has them")
     shaping_note = f" ({'; '.join(shaping)})" if shaping else ""
     lines += [
         "",

@@ -57,7 +57,8 @@ def test_training_vqa_and_rec_rows_ask_the_recipes_number_of_questions_and_test_
             assert rows and {len(row["conversations"]) // 2 for row in rows} <= set(range(1, expected + 1))
             assert max(len(row["conversations"]) // 2 for row in rows) == expected, (task, split)
     assert (f"({questions} questions per training VQA conversation; up to {referrals} objects per training REC "
-            "conversation)") in (demo_dir / "report.md").read_text()
+            "conversation; a conversation of position questions only per training scene that has them)"
+            ) in (demo_dir / "report.md").read_text()
 
 
 def test_the_data_follow_the_recipes_minimal_rec_share_and_test_rows_keep_the_full_expression(demo_dir):
