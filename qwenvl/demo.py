@@ -185,7 +185,8 @@ class Demo:
         self.paths = DemoPaths(Path(out))
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.records: dict[str, dict] = {}
-        self._train_rows: dict[str | tuple[str, ...], list[dict]] = {}  # "file": every row of train.json
+        self._train_file: tuple[list[dict], dict[str, str]] | None = None  # train.json's rows, each row's task
+        self._train_rows: dict[tuple[str, ...], list[dict]] = {}  # the rows of each set of tasks asked for
 
     # ---------------------------------------------------------------------------------------------------------
     # Stages
@@ -405,16 +406,18 @@ class Demo:
         return {**record, "metrics": self.evaluate(folder)} if evaluate else record
 
     def train_rows(self, tasks: tuple[str, ...] | None = None) -> list[dict]:
-        """The training split's rows of `tasks` (default: the evaluated tasks, not the drills), read once per run:
-        five stages ask for them, stage 2 five times, and reading the 40,000 rows of the finetune JSON takes ~3.5 s."""
+        """The training split's rows of `tasks` (default: the evaluated tasks, not the drills). The finetune JSON and
+        the samples file that names each row's task are read once per run: five stages ask for rows, stage 2 five
+        times, and reading them takes ~3.5 s and ~1 s."""
         from .data.synthetic import TASKS
 
-        if "file" not in self._train_rows:
-            self._train_rows["file"] = _sft_rows(self.paths.data, "train")
         key = TASKS if tasks is None else tuple(tasks)
         if key not in self._train_rows:
-            task_of = {row["id"]: row["task"] for row in _read_jsonl(self.paths.data / "train_samples.jsonl")}
-            self._train_rows[key] = [row for row in self._train_rows["file"] if task_of[row["id"]] in key]
+            if self._train_file is None:
+                task_of = {row["id"]: row["task"] for row in _read_jsonl(self.paths.data / "train_samples.jsonl")}
+                self._train_file = (_sft_rows(self.paths.data, "train"), task_of)
+            rows, task_of = self._train_file
+            self._train_rows[key] = [row for row in rows if task_of[row["id"]] in key]
         return self._train_rows[key]
 
     def _rows_for_steps(self, rows: list[dict], recipe: dict, phase: str) -> list[dict]:
@@ -440,7 +443,8 @@ class Demo:
         steps), while steps on REC rows alone take it up (0.41 -> 0.51 after 800, 0.66 after 1600) and cost VQA and
         captions; VQA rows alone do the same for questions that mixed training leaves at chance (colour 0.67 -> 0.84,
         position 0.50 -> 0.68 in 300 steps), and rows of position questions alone for those (0.62 -> 0.94); 400 steps
-        on every task afterwards bring the rest back and keep the gains (README, the demo findings). The later phases' steps continue the step axis of the losses.
+        on every task afterwards bring the rest back and keep the gains (README, the demo findings). The later
+        phases' steps continue the step axis of the losses.
         """
         from .train import QwenVLDataCollator
 
@@ -519,8 +523,8 @@ class Demo:
             if not tasks:
                 raise ValueError(f"{where}.tasks is empty: name the tasks of this focus phase, e.g. ['rec']")
             check_tasks(tasks, where=f"{where}.tasks", allowed=TASKS + DRILL_TASKS)
-            undrawn = [task.removesuffix("_drill") for task in tasks if task in DRILL_TASKS
-                       and task.removesuffix("_drill") not in drill]
+            undrawn = [qtype for qtype in (task.removesuffix("_drill") for task in tasks if task in DRILL_TASKS)
+                       if qtype not in drill]
             if undrawn:
                 raise ValueError(f"{where}.tasks: no training rows drill {undrawn}: recipe data.drill is {drill}")
             checked.append((phase, tasks))

@@ -496,7 +496,7 @@ def _follow_up_referrals(scene: Scene, first_target: SceneObject, n: int) -> lis
 
 
 def _check_count(n: int, name: str) -> None:
-    """`vqa_questions` and `rec_questions`: turns per training conversation."""
+    """A count argument: `vqa_questions` and `rec_questions` (turns per training conversation), `workers`."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
 
