@@ -277,8 +277,7 @@ class Demo:
 
         recipe = self.recipe["vision"]
         torch.manual_seed(self.seed)
-        model = AutoModelForCausalLM.from_pretrained(self.paths.init, trust_remote_code=True, dtype=torch.float32,
-                                                     **self.attention(recipe, "vision"))
+        model = AutoModelForCausalLM.from_pretrained(self.paths.init, trust_remote_code=True, dtype=torch.float32)
         processor = self.processor(self.paths.init)
         vit = model.transformer.visual
         table = vit.positional_embedding
@@ -490,20 +489,17 @@ class Demo:
                              f"got {weight!r}")
         return float(weight)
 
-    def attention(self, recipe: dict, stage: str = "sft") -> dict:
-        """`from_pretrained` keywords for a stage recipe's `attn_implementation` ("eager" or "sdpa"; absent: the
-        model's default, SDPA), for training only: checkpoints are saved without it. On a CPU "eager" is the faster one
-        at the demo's sizes. In stage 2's compiled blocks inductor fuses its masked softmax with the matmuls, while the
-        CPU flash kernel's backward is slow for 4 heads of 48 over ~150 tokens (12.5 against 20.3 ms per layer, forward
-        and backward; a stage-2 step 168 against 203 ms on the AMD Zen 4 host); the vision stage's eager ViT steps (64
-        patches, 4 heads of 24) take 77 against 91 ms on the AVX2 host (README, the demo findings). Checked by `run`
-        before any stage."""
+    def attention(self, recipe: dict) -> dict:
+        """`from_pretrained` keywords for stage 2's `attn_implementation` ("eager" or "sdpa"; absent: the model's
+        default, SDPA). With compiled blocks on a CPU "eager" is the faster one at the demo's lengths: inductor fuses
+        its masked softmax with the matmuls, while the CPU flash kernel's backward is slow for 4 heads of 48 over ~150
+        tokens (12.5 against 20.3 ms per layer, forward and backward; a stage-2 step 168 against 203 ms on the AMD Zen 4
+        host; README, the demo findings). Checked by `run` before any stage."""
         implementation = recipe.get("attn_implementation")
         if implementation is None:
             return {}
         if implementation not in ("eager", "sdpa"):
-            raise ValueError(f"recipe {stage}.attn_implementation must be \"eager\" or \"sdpa\", "
-                             f"got {implementation!r}")
+            raise ValueError(f"recipe attn_implementation must be \"eager\" or \"sdpa\", got {implementation!r}")
         return {"attn_implementation": implementation}
 
     def focus_phases(self) -> list[tuple[dict, tuple[str, ...]]]:
@@ -672,8 +668,7 @@ class Demo:
     def run(self) -> dict:
         self.focus_phases()
         self.attribute_weight()
-        for stage in ("vision", "sft"):
-            self.attention(self.recipe[stage], stage)
+        self.attention(self.recipe["sft"])
         for stage in STAGES:
             folder = getattr(self.paths, stage)
             record = _done(folder)
