@@ -522,9 +522,8 @@ class Demo:
             tasks = tuple(phase["tasks"])
             if not tasks:
                 raise ValueError(f"{where}.tasks is empty: name the tasks of this focus phase, e.g. ['rec']")
-            check_tasks(tasks, where=f"{where}.tasks", allowed=TASKS + DRILL_TASKS)
-            undrawn = [qtype for qtype in (task.removesuffix("_drill") for task in tasks if task in DRILL_TASKS)
-                       if qtype not in drill]
+            check_tasks(tasks, where=f"{where}.tasks", allowed=TASKS + tuple(DRILL_TASKS))
+            undrawn = [DRILL_TASKS[task] for task in tasks if task in DRILL_TASKS and DRILL_TASKS[task] not in drill]
             if undrawn:
                 raise ValueError(f"{where}.tasks: no training rows drill {undrawn}: recipe data.drill is {drill}")
             checked.append((phase, tasks))

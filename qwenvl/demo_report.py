@@ -8,13 +8,13 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .data.synthetic import VQA_TYPES
+from .data.synthetic import DRILL_TASKS
 
 TARGETS = {"rec": 0.80, "vqa": 0.90, "reward": 0.90}
 EVAL_STAGES = (("init", "untrained"), ("pretrain", "stage 1: adapter pre-training"),
                ("sft", "stage 2: multi-task SFT"), ("ppo", "stage 3: PPO-ptx"))
 _TASK_NAMES = {"rec": "REC", "vqa": "VQA", "grounded_caption": "grounded captions", "caption": "captions",
-               **{f"{qtype}_drill": f"{qtype} questions" for qtype in VQA_TYPES}}
+               **{task: f"{qtype} questions" for task, qtype in DRILL_TASKS.items()}}
 
 
 def stage_label(stage: str, records: dict) -> str:

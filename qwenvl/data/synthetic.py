@@ -73,8 +73,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 TASKS: tuple[str, ...] = ("caption", "vqa", "rec", "grounded_caption")
 VQA_TYPES: tuple[str, ...] = ("color", "shape", "count", "digit", "position")
-DRILL_TASKS: tuple[str, ...] = tuple(f"{qtype}_drill" for qtype in VQA_TYPES)
-"""Training-only tasks (`generate_dataset(drill=...)`): conversations asking questions of one VQA type only."""
+DRILL_TASKS: dict[str, str] = {f"{qtype}_drill": qtype for qtype in VQA_TYPES}
+"""Training-only tasks (`generate_dataset(drill=...)`), each with its VQA type: conversations asking questions of that
+type only."""
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 CAPTION_PROMPT = "Describe the image in English:"
