@@ -334,28 +334,63 @@ class VisionTransformer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class QwenVLLinear(nn.Linear):
-    """`nn.Linear` whose one-row products, compiled for the CPU without gradients, stream the weight themselves.
+# A CPU inference product of at most this many rows is split over the threads (`QwenVLLinear`); measured to 8.
+_SLICED_PRODUCT_MAX_ROWS = 8
+# ... and only for weights of at least this many elements (a 192 x 192 one was slower split: 24 against 20 us).
+_SLICED_PRODUCT_MIN_NUMEL = 65536
 
-    A batch-1 decode step is one matrix-vector product per projection and is bound by reading the weights. Under
-    `torch.compile` (decode steps with `qwenvl.inference.compiled_decode_config`) such a product is written as a
-    multiply-and-sum, which inductor turns into one vectorised reduction per layer: on a 2-vCPU AVX2 host it reads
-    the weights at ~32 GB/s where the BLAS GEMV reads ~15, and the 102 M benchmark model's compiled decode step fell
-    from 21.3 to 15.0 ms (benchmarks/RESULTS.md, optimisation 22). fp32 accumulation as in the GEMV, summed in
-    another order. Eager calls, training, autocast, other devices and several rows take plain `F.linear`.
+
+def _weight_slices(weight: torch.Tensor) -> int:
+    """How many row blocks `QwenVLLinear` splits `weight` into for a few-row CPU product (0: do not split)."""
+    threads = torch.get_num_threads()
+    if threads < 2 or weight.numel() < _SLICED_PRODUCT_MIN_NUMEL or not weight.is_contiguous():
+        return 0
+    for slices in (4 * threads, 2 * threads, threads):
+        if weight.shape[0] % slices == 0:
+            return slices
+    return 0
+
+
+class QwenVLLinear(nn.Linear):
+    """`nn.Linear` whose few-row products on the CPU, without gradients, read the weight on every thread.
+
+    A decode step is one matrix-vector product per projection (or one of a few rows at small batch sizes) and is
+    bound by reading the weights, yet on the 2-vCPU hosts we measure the BLAS product of one to eight rows runs on
+    one thread (~13-15 GB/s where a two-thread copy reaches ~27). So:
+
+    - **eager**, fp32, 1-8 rows: the weight is viewed as `k` blocks of output rows and multiplied in one `bmm`,
+      which torch spreads over the threads (~20-25 GB/s; the 102 M benchmark model's eager batch-1 decode step
+      27.0 -> 20.3 ms, batch 8 63.7 -> 40.9 ms; benchmarks/RESULTS.md, optimisation 23). No copy: the blocks are a
+      view. Each output is the same dot product, summed by another kernel (|diff| ~1e-6 relative).
+    - **compiled** (`qwenvl.inference.compiled_decode_config`), one row: the product is written as a multiply-and-sum,
+      which inductor turns into one vectorised reduction per layer (~32 GB/s; 21.3 -> 15.0 ms, optimisation 22).
+
+    Training, autocast, other devices and dtypes, one thread, small weights and more rows take plain `F.linear`.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if (
-            torch.compiler.is_compiling()
-            and input.device.type == "cpu"
-            and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")
-            and input.shape[:-1].numel() == 1
-        ):
-            output = (input.unsqueeze(-2).float() * self.weight.float()).sum(-1).to(input.dtype)
-            return output if self.bias is None else output + self.bias
+        if input.device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
+            rows = input.shape[:-1].numel()
+            if torch.compiler.is_compiling():
+                if rows == 1:
+                    output = (input.unsqueeze(-2).float() * self.weight.float()).sum(-1).to(input.dtype)
+                    return output if self.bias is None else output + self.bias
+            elif rows <= _SLICED_PRODUCT_MAX_ROWS and self.weight.dtype == input.dtype == torch.float32:
+                slices = _weight_slices(self.weight)
+                if slices:
+                    return self._sliced_product(input, slices)
         return F.linear(input, self.weight, self.bias)
+
+    def _sliced_product(self, input: torch.Tensor, slices: int) -> torch.Tensor:
+        out_features, in_features = self.weight.shape
+        rows = input.shape[:-1].numel()
+        blocks = self.weight.view(slices, out_features // slices, in_features).transpose(1, 2)
+        inputs = input.reshape(1, rows, in_features).expand(slices, rows, in_features)
+        if self.bias is None:
+            output = torch.bmm(inputs, blocks)
+        else:
+            output = torch.baddbmm(self.bias.view(slices, 1, out_features // slices), inputs, blocks)
+        return output.transpose(0, 1).reshape(*input.shape[:-1], out_features)
 
 
 class QwenVLRMSNorm(nn.Module):

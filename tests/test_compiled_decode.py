@@ -1,6 +1,6 @@
 """Compiled decode steps over a static cache (`qwenvl.inference.compiled_decode_config`): the same tokens as eager
-decoding with the dynamic cache, from one graph per step (no graph breaks); one-row products stream the weights as a
-reduction there (`QwenVLLinear`)."""
+decoding with the dynamic cache, from one graph per step (no graph breaks). How each projection computes its product
+there is in test_linear_products.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 from conftest import tiny_config_kwargs
 from qwenvl import QwenVLConfig, QwenVLForConditionalGeneration
 from qwenvl.inference import compiled_decode_config
-from qwenvl.modeling_qwenvl import QwenVLLinear
 
 
 def _image_prompt(config: QwenVLConfig, batch: int, text_tokens: int) -> dict:
@@ -28,52 +27,6 @@ def test_the_compile_config_works_off_accelerators_and_without_cuda_graphs():
     config = compiled_decode_config()
     assert config._compile_all_devices is True and config.mode == "default" and config.dynamic is False
     assert compiled_decode_config(fullgraph=True).fullgraph is True
-
-
-def _traced_ops(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-    """`module(x)` through dynamo, and the names of the functions and methods its graph calls."""
-    ops = []
-
-    def record(graph_module, example_inputs):
-        ops.extend(str(getattr(node.target, "__name__", node.target)) for node in graph_module.graph.nodes
-                   if node.op in ("call_function", "call_method"))
-        return graph_module.forward
-
-    torch._dynamo.reset()
-    return torch.compile(module, backend=record)(x), ops
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_a_compiled_one_row_product_is_a_reduction_with_the_linear_result(bias):
-    torch.manual_seed(0)
-    layer = QwenVLLinear(48, 80, bias=bias)
-    x = torch.randn(1, 1, 48)
-    with torch.no_grad():
-        out, ops = _traced_ops(layer, x)
-        expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
-
-    assert "linear" not in ops and "sum" in ops
-    assert out.shape == expected.shape == (1, 1, 80) and out.dtype == expected.dtype
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-
-
-def test_an_eager_one_row_call_is_exactly_the_linear():
-    torch.manual_seed(0)
-    layer = QwenVLLinear(48, 80)
-    x = torch.randn(1, 1, 48)
-    with torch.no_grad():
-        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-
-
-@pytest.mark.parametrize("case", ["several rows", "gradients", "autocast"])
-def test_every_other_compiled_call_is_the_plain_linear(case):
-    torch.manual_seed(0)
-    layer = QwenVLLinear(48, 80)
-    x = torch.randn(4 if case == "several rows" else 1, 1, 48)
-    with torch.set_grad_enabled(case == "gradients"), torch.autocast("cpu", enabled=case == "autocast"):
-        _, ops = _traced_ops(layer, x)
-
-    assert "linear" in ops and "sum" not in ops
 
 
 @pytest.mark.slow
