@@ -340,10 +340,19 @@ _SLICED_PRODUCT_MAX_ROWS = 8
 _SLICED_PRODUCT_MIN_NUMEL = 65536
 
 
+@torch.compiler.assume_constant_result
+def _intra_op_threads() -> int:
+    """torch's thread count; a constant to `torch.compile` (`get_num_threads` would break the graph), so a compiled
+    step keeps the split it was traced with: the result is the same, only the speed depends on it."""
+    return torch.get_num_threads()
+
+
 def _weight_slices(weight: torch.Tensor) -> int:
     """How many row blocks `QwenVLLinear` splits `weight` into for a few-row CPU product (0: do not split)."""
-    threads = torch.get_num_threads()
-    if threads < 2 or weight.numel() < _SLICED_PRODUCT_MIN_NUMEL or not weight.is_contiguous():
+    if weight.numel() < _SLICED_PRODUCT_MIN_NUMEL or not weight.is_contiguous():
+        return 0
+    threads = _intra_op_threads()
+    if threads < 2:
         return 0
     for slices in (4 * threads, 2 * threads, threads):
         if weight.shape[0] % slices == 0:
@@ -355,15 +364,16 @@ class QwenVLLinear(nn.Linear):
     """`nn.Linear` whose few-row products on the CPU, without gradients, read the weight on every thread.
 
     A decode step is one matrix-vector product per projection (or one of a few rows at small batch sizes) and is
-    bound by reading the weights, yet on the 2-vCPU hosts we measure the BLAS product of one to eight rows runs on
+    bound by reading the weights, yet on the 2-vCPU AVX2 host we measure the BLAS product of one to eight rows runs on
     one thread (~13-15 GB/s where a two-thread copy reaches ~27). So:
 
-    - **eager**, fp32, 1-8 rows: the weight is viewed as `k` blocks of output rows and multiplied in one `bmm`,
-      which torch spreads over the threads (~20-25 GB/s; the 102 M benchmark model's eager batch-1 decode step
-      27.0 -> 20.3 ms, batch 8 63.7 -> 40.9 ms; benchmarks/RESULTS.md, optimisation 23). No copy: the blocks are a
-      view. Each output is the same dot product, summed by another kernel (|diff| ~1e-6 relative).
-    - **compiled** (`qwenvl.inference.compiled_decode_config`), one row: the product is written as a multiply-and-sum,
-      which inductor turns into one vectorised reduction per layer (~32 GB/s; 21.3 -> 15.0 ms, optimisation 22).
+    - fp32, 1-8 rows: the weight is viewed as `k` blocks of output rows and multiplied in one `bmm`, which torch
+      spreads over the threads (~20-25 GB/s; the 102 M benchmark model's eager decode step 27.0 -> 20.3 ms at batch
+      1, 63.7 -> 40.9 ms at batch 8; compiled steps 55.2 -> 35.8 ms at batch 8; benchmarks/RESULTS.md, optimisation 23).
+      No copy: the blocks are a view. Each output is the same dot product, summed by another kernel.
+    - compiled (`qwenvl.inference.compiled_decode_config`), one row, any dtype: the product is written as a
+      multiply-and-sum, which inductor turns into one vectorised reduction per layer (~32 GB/s; 21.3 -> 15.0 ms,
+      optimisation 22).
 
     Training, autocast, other devices and dtypes, one thread, small weights and more rows take plain `F.linear`.
     """
@@ -371,11 +381,10 @@ class QwenVLLinear(nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
             rows = input.shape[:-1].numel()
-            if torch.compiler.is_compiling():
-                if rows == 1:
-                    output = (input.unsqueeze(-2).float() * self.weight.float()).sum(-1).to(input.dtype)
-                    return output if self.bias is None else output + self.bias
-            elif rows <= _SLICED_PRODUCT_MAX_ROWS and self.weight.dtype == input.dtype == torch.float32:
+            if rows == 1 and torch.compiler.is_compiling():
+                output = (input.unsqueeze(-2).float() * self.weight.float()).sum(-1).to(input.dtype)
+                return output if self.bias is None else output + self.bias
+            if rows <= _SLICED_PRODUCT_MAX_ROWS and self.weight.dtype == input.dtype == torch.float32:
                 slices = _weight_slices(self.weight)
                 if slices:
                     return self._sliced_product(input, slices)

@@ -1,6 +1,6 @@
-"""`QwenVLLinear`: the decoder's projections and LM head compute few-row CPU inference products their own way (split
-over the threads eagerly, a weight-streaming reduction when compiled) with `F.linear`'s result, and every other call
-is exactly `F.linear`."""
+"""`QwenVLLinear`: the decoder's projections and LM head compute few-row CPU inference products their own way (fp32
+ones split over the threads; one row, when compiled, a weight-streaming reduction) with `F.linear`'s result, and every
+other call is exactly `F.linear`."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _traced_ops(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Eager: products of 1-8 rows split over the threads
+# Eager: fp32 products of 1-8 rows split over the threads
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -97,7 +97,7 @@ def test_greedy_decoding_gives_the_same_tokens_split_or_not(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Compiled: one-row products as a reduction
+# Compiled: one-row products as a reduction, 2-8 rows split over the threads
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -115,12 +115,27 @@ def test_a_compiled_one_row_product_is_a_reduction_with_the_linear_result(bias):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["several rows", "gradients", "autocast"])
+def test_a_compiled_few_row_product_is_split_over_the_threads_without_graph_breaks():
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    layer = QwenVLLinear(256, 512)
+    x = torch.randn(4, 1, 256)
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        out, ops = _traced_ops(layer, x)
+        expected = F.linear(x, layer.weight, layer.bias)
+
+    assert "baddbmm" in ops and "linear" not in ops and "sum" not in ops
+    assert not torch._dynamo.utils.counters["graph_break"]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["one thread", "nine rows", "gradients", "autocast"])
 def test_every_other_compiled_call_is_the_plain_linear(case):
     torch.manual_seed(0)
-    torch.set_num_threads(2)  # a compiled several-row product is not split over the threads either
+    torch.set_num_threads(1 if case == "one thread" else 2)
     layer = QwenVLLinear(256, 512)
-    x = torch.randn(4 if case == "several rows" else 1, 1, 256)
+    x = torch.randn(9 if case == "nine rows" else 4 if case == "one thread" else 1, 1, 256)
     with torch.set_grad_enabled(case == "gradients"), torch.autocast("cpu", enabled=case == "autocast"):
         _, ops = _traced_ops(layer, x)
 
