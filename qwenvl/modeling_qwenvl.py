@@ -334,8 +334,9 @@ class VisionTransformer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# A CPU inference product of at most this many rows is split over the threads (`QwenVLLinear`); measured to 8.
-_SLICED_PRODUCT_MAX_ROWS = 8
+# A CPU inference product of at most this many rows is split over the threads (`QwenVLLinear`): the 102 M benchmark
+# model's 41 products took 1.2-1.6x less time so up to 128 rows, 1.07x at 256, 0.94x at 512 (RESULTS, optimisation 23).
+_SLICED_PRODUCT_MAX_ROWS = 128
 # ... and only for weights of at least this many elements (a 192 x 192 one was slower split: 24 against 20 us).
 _SLICED_PRODUCT_MIN_NUMEL = 65536
 
@@ -363,14 +364,16 @@ def _weight_slices(weight: torch.Tensor) -> int:
 class QwenVLLinear(nn.Linear):
     """`nn.Linear` whose few-row products on the CPU, without gradients, read the weight on every thread.
 
-    A decode step is one matrix-vector product per projection (or one of a few rows at small batch sizes) and is
-    bound by reading the weights, yet on the 2-vCPU AVX2 host we measure the BLAS product of one to eight rows runs on
-    one thread (~13-15 GB/s where a two-thread copy reaches ~27). So:
+    A decode step is one matrix-vector product per projection (or one of a few rows per sequence of the batch) and
+    is bound by reading the weights, yet on the 2-vCPU AVX2 host we measure the BLAS product of one row runs on one
+    thread (~13-15 GB/s where a two-thread copy reaches ~27), and products of up to ~128 rows are poorly threaded too.
+    So:
 
-    - fp32, 1-8 rows: the weight is viewed as `k` blocks of output rows and multiplied in one `bmm`, which torch
-      spreads over the threads (~20-25 GB/s; the 102 M benchmark model's eager decode step 27.0 -> 20.3 ms at batch
-      1, 63.7 -> 40.9 ms at batch 8; compiled steps 55.2 -> 35.8 ms at batch 8; benchmarks/RESULTS.md, optimisation 23).
-      No copy: the blocks are a view. Each output is the same dot product, summed by another kernel.
+    - fp32, 1-128 rows: the weight is viewed as `k` blocks of output rows and multiplied in one `bmm`, which torch
+      spreads over the threads (~20-25 GB/s at one row; the 102 M benchmark model's eager decode step 27.0 -> 20.3 ms
+      at batch 1, 63.7 -> 40.9 ms at batch 8, 123.6 -> 94.1 ms at batch 32; compiled steps 55.2 -> 35.8 ms at batch
+      8; benchmarks/RESULTS.md, optimisation 23). No copy: the blocks are a view. Each output is the same dot
+      product, summed by another kernel.
     - compiled (`qwenvl.inference.compiled_decode_config`), one row, any dtype: the product is written as a
       multiply-and-sum, which inductor turns into one vectorised reduction per layer (~32 GB/s; 21.3 -> 15.0 ms,
       optimisation 22).
