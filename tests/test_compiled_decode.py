@@ -30,10 +30,21 @@ def test_the_compile_config_works_off_accelerators_and_without_cuda_graphs():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batch", [1, 2])  # batch 1: every projection a one-row product (`QwenVLLinear`)
-def test_compiled_static_cache_decoding_gives_the_eager_tokens_without_graph_breaks(batch):
+@pytest.mark.parametrize(
+    ("batch", "split"),
+    # batch 1: every projection a one-row product, a reduction (`QwenVLLinear`); "split": two threads and weights
+    # wide enough that products of 2 rows are split over the threads, eagerly and compiled.
+    [(1, False), (2, False), (2, True)],
+)
+def test_compiled_static_cache_decoding_gives_the_eager_tokens_without_graph_breaks(batch, split):
     torch.manual_seed(0)
-    model = QwenVLForConditionalGeneration(QwenVLConfig(**tiny_config_kwargs())).eval()
+    if split:
+        torch.set_num_threads(2)
+        config = QwenVLConfig(**tiny_config_kwargs(hidden_size=256, kv_channels=64, intermediate_size=512,
+                                                   visual={**tiny_config_kwargs()["visual"], "output_dim": 256}))
+    else:
+        config = QwenVLConfig(**tiny_config_kwargs())
+    model = QwenVLForConditionalGeneration(config).eval()
     prompt = _image_prompt(model.config, batch=batch, text_tokens=5)
     kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=1)
     torch._dynamo.reset()
