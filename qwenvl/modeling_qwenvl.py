@@ -334,8 +334,8 @@ class VisionTransformer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# A CPU inference product of at most this many rows is split over the threads (`QwenVLLinear`): the 102 M benchmark
-# model's 41 products took 1.2-1.6x less time so up to 128 rows, 1.07x at 256, 0.94x at 512 (RESULTS, optimisation 23).
+# A CPU inference product of at most this many rows is split over the threads (`QwenVLLinear`): split, the 102 M
+# benchmark model's 41 products ran 1.2-1.6x faster up to 128 rows, 1.07x at 256, 0.94x at 512 (RESULTS, optim. 23).
 _SLICED_PRODUCT_MAX_ROWS = 128
 # ... and only for weights of at least this many elements (a 192 x 192 one was slower split: 24 against 20 us).
 _SLICED_PRODUCT_MIN_NUMEL = 65536
