@@ -73,6 +73,13 @@ def tiny_config_kwargs(**overrides) -> dict:
     return kwargs
 
 
+def split_config_kwargs() -> dict:
+    """The tiny model widened until every decoder projection and the LM head are large enough for `QwenVLLinear` to
+    split their few-row CPU products over the threads (256 x 256 weights and up; 320 outputs a multiple of 8)."""
+    return tiny_config_kwargs(hidden_size=256, kv_channels=64, intermediate_size=512,
+                              visual={**tiny_config_kwargs()["visual"], "output_dim": 256})
+
+
 @pytest.fixture
 def tiny_config():
     from qwenvl import QwenVLConfig

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_config_kwargs
+from conftest import split_config_kwargs, tiny_config_kwargs
 from qwenvl import QwenVLConfig, QwenVLForConditionalGeneration
 from qwenvl.inference import compiled_decode_config
 
@@ -40,11 +40,8 @@ def test_compiled_static_cache_decoding_gives_the_eager_tokens_without_graph_bre
     torch.manual_seed(0)
     if split:
         torch.set_num_threads(2)
-        config = QwenVLConfig(**tiny_config_kwargs(hidden_size=256, kv_channels=64, intermediate_size=512,
-                                                   visual={**tiny_config_kwargs()["visual"], "output_dim": 256}))
-    else:
-        config = QwenVLConfig(**tiny_config_kwargs())
-    model = QwenVLForConditionalGeneration(config).eval()
+    model = QwenVLForConditionalGeneration(
+        QwenVLConfig(**(split_config_kwargs() if split else tiny_config_kwargs()))).eval()
     prompt = _image_prompt(model.config, batch=batch, text_tokens=5)
     kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=1)
     torch._dynamo.reset()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import qwenvl.modeling_qwenvl as modeling
-from conftest import tiny_config_kwargs
+from conftest import split_config_kwargs
 from qwenvl import QwenVLConfig, QwenVLForConditionalGeneration
 from qwenvl.modeling_qwenvl import QwenVLLinear
 
@@ -79,10 +79,7 @@ def test_every_other_eager_call_is_exactly_the_linear(case):
 def test_greedy_decoding_gives_the_same_tokens_split_or_not(monkeypatch):
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    # Wide enough that every projection and the head is split (256 x 256 and larger, 320 outputs a multiple of 8).
-    config = QwenVLConfig(**tiny_config_kwargs(hidden_size=256, kv_channels=64, intermediate_size=512,
-                                               visual={**tiny_config_kwargs()["visual"], "output_dim": 256}))
-    model = QwenVLForConditionalGeneration(config).eval()
+    model = QwenVLForConditionalGeneration(QwenVLConfig(**split_config_kwargs())).eval()
     prompt = torch.randint(2, 250, (2, 6), generator=torch.Generator().manual_seed(1))
     kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=1)
 
