@@ -18,6 +18,7 @@ from .grounding import draw_boxes, format_box, parse_boxes, parse_quads
 from .image_processing_qwenvl import QwenVLImageProcessor
 from .inference import response_boxes
 from .modeling_qwenvl import (
+    QwenVLCache,
     QwenVLForConditionalGeneration,
     QwenVLForLikelihoodReward,
     QwenVLForSequenceClassification,
@@ -74,4 +75,5 @@ __all__ = [
     "QwenVLForConditionalGeneration",
     "QwenVLForSequenceClassification",
     "QwenVLForLikelihoodReward",
+    "QwenVLCache",
 ]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -468,6 +468,89 @@ def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
 
 
+class QwenVLCacheLayer(DynamicLayer):
+    """A `DynamicLayer` that appends in place: each decode step copies its own keys and values, not the whole cache.
+
+    `DynamicLayer.update` concatenates, copying every cached position at every step (quadratic in the generated
+    length). Here `keys`/`values` are views of the filled part of larger buffers; when an update does not fit, the
+    buffers are regrown by a quarter of the needed length (at least 16 positions). The first update allocates exactly
+    its own length, so a forward that never decodes holds what `DynamicLayer` would. The inherited methods (crop,
+    batch selection, beam reordering, offloading) replace `keys`/`values` by other tensors; the next update sees that
+    they no longer view its buffers and regrows from them. As with a static cache, a crop followed by an update
+    overwrites positions that views taken before the crop still show.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.key_buffer: torch.Tensor | None = None
+        self.value_buffer: torch.Tensor | None = None
+
+    def _views_buffers(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> bool:
+        """Whether `keys`/`values` still start the buffers, and the buffers fit `needed` positions of these states."""
+        pairs = ((self.keys, self.key_buffer, key_states), (self.values, self.value_buffer, value_states))
+        for cached, buffer, new in pairs:
+            if (
+                buffer is None
+                or buffer.shape[-2] < needed
+                or buffer.shape[:-2] != new.shape[:-2]
+                or buffer.shape[-1] != new.shape[-1]
+                or buffer.dtype != new.dtype
+                or buffer.device != new.device
+                or cached.data_ptr() != buffer.data_ptr()
+                or cached.shape[:-2] != buffer.shape[:-2]
+                or cached.stride() != buffer.stride()
+            ):
+                return False
+        return True
+
+    def _regrow(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, needed: int) -> None:
+        capacity = needed + max(needed // 4, 16) if length else needed
+        buffers = []
+        for cached, new in ((self.keys, key_states), (self.values, value_states)):
+            buffer = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
+            if length:
+                buffer[..., :length, :].copy_(cached)
+            buffers.append(buffer)
+        self.key_buffer, self.value_buffer = buffers
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            # Traced code cannot compare data pointers (a graph break per layer): concatenate, as `DynamicLayer` does;
+            # the next eager update regrows from the result. Compiled decoding proper uses a static cache.
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        needed = length + key_states.shape[-2]
+        if not self._views_buffers(key_states, value_states, needed):
+            self._regrow(key_states, value_states, length, needed)
+        self.key_buffer[..., length:needed, :].copy_(key_states)
+        self.value_buffer[..., length:needed, :].copy_(value_states)
+        self.keys = self.key_buffer[..., :needed, :]
+        self.values = self.value_buffer[..., :needed, :]
+        return self.keys, self.values
+
+    def offload(self) -> None:
+        # Held buffers would keep the device memory that offloading frees; the next update regrows from the prefetch.
+        super().offload()
+        self.key_buffer = self.value_buffer = None
+
+
+class QwenVLCache(DynamicCache):
+    """The default cache of the model's forwards and of `generate`: a `DynamicCache` of `QwenVLCacheLayer`s."""
+
+    def __init__(self, config: QwenVLConfig | None = None, **kwargs):
+        super().__init__(config=config, **kwargs)
+        if self.layer_class_to_replicate is DynamicLayer:
+            self.layer_class_to_replicate = QwenVLCacheLayer
+        self.layers = [
+            QwenVLCacheLayer() if type(layer) is DynamicLayer and not layer.is_initialized else layer
+            for layer in self.layers
+        ]
+
+
 class QwenVLAttention(nn.Module):
     """Causal self-attention: fused `c_attn` ([Q|K|V], the only biased projection) and `c_proj`."""
 
@@ -675,7 +758,7 @@ class QwenVLModel(QwenVLPreTrainedModel):
         if pixel_values is not None and image_features is not None:
             raise ValueError("Pass either pixel_values or image_features, not both")
         if use_cache and cache is None and not self.training:
-            cache = DynamicCache(config=self.config)
+            cache = QwenVLCache(config=self.config)
         past_seen = cache.get_seq_length() if cache is not None else 0
         # A compiled forward is a decode step (`generate` compiles only those, prefill runs eagerly): the prefill-only
         # checks below read tensor values, which would break the graph.
@@ -796,6 +879,19 @@ class QwenVLForConditionalGeneration(QwenVLChatMixin, QwenVLPreTrainedModel, Gen
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        # `generate` makes a plain `DynamicCache` unless told otherwise; ours appends in place (`QwenVLCacheLayer`).
+        # A cache the caller passed, an offloaded one and an assistant's (which records its past) are left alone.
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("cache")
+        if (
+            type(cache) is DynamicCache
+            and not getattr(cache, "_is_user_defined", False)
+            and not cache.offloading
+            and not generation_config.is_assistant
+        ):
+            model_kwargs["cache"] = QwenVLCache(config=self.config)
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
         # Precomputed `image_features` behave like `pixel_values`: used on prefill only.
