@@ -473,12 +473,17 @@ class QwenVLCacheLayer(DynamicLayer):
 
     `DynamicLayer.update` concatenates, copying every cached position at every step (quadratic in the generated
     length). Here `keys`/`values` are views of the filled part of larger buffers; when an update does not fit, the
-    buffers are regrown by a quarter of the needed length (at least 16 positions). The first update allocates exactly
-    its own length, so a forward that never decodes holds what `DynamicLayer` would. The inherited methods (crop,
-    batch selection, beam reordering, offloading) replace `keys`/`values` by other tensors; the next update sees that
-    they no longer view its buffers and regrows from them. As with a static cache, a crop followed by an update
-    overwrites positions that views taken before the crop still show.
+    buffers are regrown by an eighth of the needed length (at least 16 positions), never past `max_length` (what
+    `generate` can reach) while that suffices. So the spare capacity is at most ~1/8 of the cache, and the first update
+    allocates exactly its own length: a forward that never decodes holds what `DynamicLayer` would. The inherited
+    methods (crop, batch selection, beam reordering, offloading) replace `keys`/`values` by other tensors; the next
+    update sees that they no longer view its buffers and regrows from them. As with a static cache, a crop followed
+    by an update overwrites positions that views taken before the crop still show.
     """
+
+    def __init__(self, max_length: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.max_length = max_length
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -504,7 +509,11 @@ class QwenVLCacheLayer(DynamicLayer):
         return True
 
     def _regrow(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, needed: int) -> None:
-        capacity = needed + max(needed // 4, 16) if length else needed
+        capacity = needed
+        if length:
+            capacity += max(needed // 8, 16)
+            if self.max_length is not None and needed <= self.max_length:
+                capacity = min(capacity, self.max_length)
         buffers = []
         for cached, new in ((self.keys, key_states), (self.values, value_states)):
             buffer = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
@@ -537,16 +546,24 @@ class QwenVLCacheLayer(DynamicLayer):
         super().offload()
         self.key_buffer = self.value_buffer = None
 
+    def reset(self) -> None:
+        super().reset()
+        self.key_buffer = self.value_buffer = None
+
 
 class QwenVLCache(DynamicCache):
-    """The default cache of the model's forwards and of `generate`: a `DynamicCache` of `QwenVLCacheLayer`s."""
+    """The default cache of the model's forwards and of `generate`: a `DynamicCache` of `QwenVLCacheLayer`s.
 
-    def __init__(self, config: QwenVLConfig | None = None, **kwargs):
+    `max_length`: the most positions the cache will hold (`generate` passes its `max_length - 1`), which bounds the
+    layers' spare capacity; without it they grow by an eighth.
+    """
+
+    def __init__(self, config: QwenVLConfig | None = None, max_length: int | None = None, **kwargs):
         super().__init__(config=config, **kwargs)
         if self.layer_class_to_replicate is DynamicLayer:
             self.layer_class_to_replicate = QwenVLCacheLayer
         self.layers = [
-            QwenVLCacheLayer() if type(layer) is DynamicLayer and not layer.is_initialized else layer
+            QwenVLCacheLayer(max_length) if type(layer) is DynamicLayer and not layer.is_initialized else layer
             for layer in self.layers
         ]
 
@@ -880,10 +897,14 @@ class QwenVLForConditionalGeneration(QwenVLChatMixin, QwenVLPreTrainedModel, Gen
             attentions=outputs.attentions,
         )
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ) -> None:
         # `generate` makes a plain `DynamicCache` unless told otherwise; ours appends in place (`QwenVLCacheLayer`).
         # A cache the caller passed, an offloaded one and an assistant's (which records its past) are left alone.
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
         cache = model_kwargs.get("cache")
         if (
             type(cache) is DynamicCache
@@ -891,7 +912,7 @@ class QwenVLForConditionalGeneration(QwenVLChatMixin, QwenVLPreTrainedModel, Gen
             and not cache.offloading
             and not generation_config.is_assistant
         ):
-            model_kwargs["cache"] = QwenVLCache(config=self.config)
+            model_kwargs["cache"] = QwenVLCache(config=self.config, max_length=max_cache_length)
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
         # Precomputed `image_features` behave like `pixel_values`: used on prefill only.
