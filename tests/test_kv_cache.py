@@ -226,3 +226,20 @@ def test_compiled_blocks_concatenate_instead_of_breaking_the_graph():
     assert type(cache) is QwenVLCache
     assert torch.equal(compiled_tokens, eager_tokens)
     assert dict(counters["graph_break"]) == {}
+
+
+def test_a_deep_copied_prompt_cache_is_reused_without_touching_the_original():
+    """transformers' prefix-reuse recipe: fill a cache with a shared prefix, `deepcopy` it for each continuation."""
+    import copy
+
+    model = tiny_model()
+    prefix = torch.tensor([[5, 6, 7, 8]])
+    prompt_cache = QwenVLCache(config=model.config)
+    with torch.no_grad():
+        model(prefix, cache=prompt_cache, use_cache=True)
+    for suffix in ([9, 10], [11, 12, 13]):
+        ids = torch.cat([prefix, torch.tensor([suffix])], 1)
+        fresh = model.generate(ids, max_new_tokens=8, do_sample=False)
+        reused = model.generate(ids, max_new_tokens=8, do_sample=False, cache=copy.deepcopy(prompt_cache))
+        assert torch.equal(reused, fresh)
+    assert prompt_cache.get_seq_length() == 4
