@@ -80,6 +80,24 @@ def split_config_kwargs() -> dict:
                               visual={**tiny_config_kwargs()["visual"], "output_dim": 256})
 
 
+# The image tags of `tiny_config_kwargs`' vocabulary.
+IMG, IMG_END, PAD_IMG = 300, 301, 302
+
+
+def image_span(n_queries: int = 4) -> list[int]:
+    """`<img>`, one `<imgpad>` per adapter query of the tiny config, `</img>`."""
+    return [IMG] + [PAD_IMG] * n_queries + [IMG_END]
+
+
+def tiny_model(seed: int = 0, cls=None, **overrides):
+    """A tiny model (`tiny_config_kwargs(**overrides)`) of `cls` (default: QwenVLForConditionalGeneration), seeded,
+    in eval mode."""
+    from qwenvl import QwenVLConfig, QwenVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return (cls or QwenVLForConditionalGeneration)(QwenVLConfig(**tiny_config_kwargs(**overrides))).eval()
+
+
 @pytest.fixture
 def tiny_config():
     from qwenvl import QwenVLConfig

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache
 
-from qwenvl import QwenVLCache, QwenVLConfig, QwenVLForConditionalGeneration
+from qwenvl import QwenVLCache
 from qwenvl.modeling_qwenvl import QwenVLCacheLayer
 
-from conftest import tiny_config_kwargs
-
-IMG, IMG_END, PAD_IMG = 300, 301, 302
+from conftest import image_span, tiny_model
 
 
 def states(batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,14 +135,8 @@ def test_reset_then_update_starts_over():
 # --------------------------------------------------------------------------------------------------------------
 
 
-def tiny_model() -> QwenVLForConditionalGeneration:
-    torch.manual_seed(0)
-    return QwenVLForConditionalGeneration(QwenVLConfig(**tiny_config_kwargs())).eval()
-
-
 def prompt_batch() -> dict:
-    span = [IMG] + [PAD_IMG] * 4 + [IMG_END]
-    ids = torch.tensor([[0, 0, 5, *span, 6, 7], [8, 9, 10, *span, 11, 12]])
+    ids = torch.tensor([[0, 0, 5, *image_span(), 6, 7], [8, 9, 10, *image_span(), 11, 12]])
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
     pixel_values = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -184,8 +178,7 @@ def test_assisted_decoding_crops_and_refills_the_in_place_cache_with_greedy_toke
     crop = QwenVLCacheLayer.crop
     monkeypatch.setattr(QwenVLCacheLayer, "crop", lambda self, n: (crops.append(n), crop(self, n))[1])
     model = tiny_model()
-    torch.manual_seed(1)
-    assistant = QwenVLForConditionalGeneration(QwenVLConfig(**tiny_config_kwargs())).eval()
+    assistant = tiny_model(seed=1)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=30, min_new_tokens=30, do_sample=False)
     greedy = model.generate(ids, **kwargs)
@@ -230,8 +223,6 @@ def test_compiled_blocks_concatenate_instead_of_breaking_the_graph():
 
 def test_a_deep_copied_prompt_cache_is_reused_without_touching_the_original():
     """transformers' prefix-reuse recipe: fill a cache with a shared prefix, `deepcopy` it for each continuation."""
-    import copy
-
     model = tiny_model()
     prefix = torch.tensor([[5, 6, 7, 8]])
     prompt_cache = QwenVLCache(config=model.config)

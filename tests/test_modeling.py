@@ -17,19 +17,7 @@ from qwenvl import (
 )
 from qwenvl.modeling_qwenvl import IMAGE_MISMATCH, get_2d_sincos_pos_embed, get_abs_pos
 
-from conftest import REFERENCE, tiny_config_kwargs
-
-IMG, IMG_END, PAD_IMG = 300, 301, 302
-
-
-def image_span(n_queries: int = 4) -> list[int]:
-    return [IMG] + [PAD_IMG] * n_queries + [IMG_END]
-
-
-def tiny_model(seed: int = 0, cls=QwenVLForConditionalGeneration, **overrides):
-    torch.manual_seed(seed)
-    model = cls(QwenVLConfig(**tiny_config_kwargs(**overrides)))
-    return model.eval()
+from conftest import IMG, IMG_END, PAD_IMG, REFERENCE, image_span, tiny_config_kwargs, tiny_model
 
 
 # --------------------------------------------------------------------------------------------------------------
