@@ -22,7 +22,7 @@ from qwenvl.train import compile_regions
 from . import flops
 from .suite import load_config
 from .timing import RssPeak, measure
-from .workloads import Mode, TrainStep, build_model, generate_fn, prompt_batch, train_batch
+from .workloads import Mode, TrainStep, build_model, prompt_batch, time_generate, train_batch
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (no sparsity), TFLOP/s, matched against the device name.
 DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4))
@@ -194,14 +194,13 @@ def run(config: dict, device: torch.device, log) -> dict:
     for batch_size in gen["batch_sizes"]:
         log(f"[gpu] decode batch {batch_size} ...")
         prompt = prompt_batch(model.config, batch_size, gen["prompt_text_tokens"], device=device)
-        synchronized(generate_fn(model, prompt, 2, True), device)()
-        t1 = measure(synchronized(generate_fn(model, prompt, 1, True), device), repeats=gen["repeats"], warmup=0)
-        tn = measure(synchronized(generate_fn(model, prompt, gen["new_tokens"], True), device),
-                     repeats=gen["repeats"], warmup=0)
+        t1, tn, forced = time_generate(model, prompt, gen["new_tokens"], True, gen["repeats"],
+                                       wrap=lambda fn: synchronized(fn, device))
         step_s = max(tn.median_s - t1.median_s, 1e-9) / (gen["new_tokens"] - 1)
         results["decode"][f"b{batch_size}"] = {
             "prompt_len": prompt["input_ids"].shape[1],
             "new_tokens": gen["new_tokens"],
+            "forced_length": forced,
             "prefill_tokens_per_s": batch_size * prompt["input_ids"].shape[1] / t1.median_s,
             "decode_tokens_per_s": batch_size / step_s,
             "step_over_floor": step_s / floor_step_s,

@@ -18,7 +18,7 @@ from qwenvl.inference import compiled_decode_config
 from qwenvl.modeling_qwenvl import pack_linear_weights_for_cpu
 from qwenvl.train.precision import MIN_BF16_SPEEDUP
 
-from .timing import measure
+from .timing import Timing, measure
 
 
 @dataclass(frozen=True)
@@ -189,30 +189,54 @@ def inference_model(model: QwenVLForConditionalGeneration, mode: Mode) -> QwenVL
     return model
 
 
-def generate_fn(model: QwenVLForConditionalGeneration, prompt: dict, new_tokens: int, use_cache: bool,
-                compiled: bool = False) -> Callable:
-    """Greedy `generate` producing exactly `new_tokens` tokens (random weights never stop early); `compiled`: with a
-    static cache and compiled decode steps (`qwenvl.inference.compiled_decode_config`)."""
-    dtype = next(model.parameters()).dtype
-    inputs = {**prompt, "pixel_values": prompt["pixel_values"].to(dtype)}
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache,
-                  pad_token_id=model.config.pad_token_id, eos_token_id=model.config.eos_token_id)
-    if compiled:
-        kwargs.update(cache_implementation="static", compile_config=compiled_decode_config())
+class GenerateCall:
+    """Greedy `generate` of `new_tokens` tokens per call, called as a user calls it: stopping at EOS, with no logits
+    processor. `min_new_tokens` would add two processors a step (0.5 ms at batch 1, 1.4 ms at batch 8 on the AVX2
+    host, 3-4 % of the small model's eager step; RESULTS, optimisation 25), so it is passed only with `force_length`,
+    for a random-weight model that emits EOS first; `generated` (new tokens of the last call) shows which. `compiled`: with a static cache and compiled
+    decode steps (`qwenvl.inference.compiled_decode_config`)."""
+
+    def __init__(self, model: QwenVLForConditionalGeneration, prompt: dict, new_tokens: int, use_cache: bool,
+                 compiled: bool = False, force_length: bool = False):
+        dtype = next(model.parameters()).dtype
+        self.model = model
+        self.inputs = {**prompt, "pixel_values": prompt["pixel_values"].to(dtype)}
+        self.kwargs = dict(max_new_tokens=new_tokens, do_sample=False, use_cache=use_cache,
+                           pad_token_id=model.config.pad_token_id, eos_token_id=model.config.eos_token_id)
+        if force_length:
+            self.kwargs["min_new_tokens"] = new_tokens
+        if compiled:
+            self.kwargs.update(cache_implementation="static", compile_config=compiled_decode_config())
+        self.generated: int | None = None
 
     @torch.inference_mode()
-    def run() -> torch.Tensor:
-        return model.generate(**inputs, **kwargs)
+    def __call__(self) -> torch.Tensor:
+        out = self.model.generate(**self.inputs, **self.kwargs)
+        self.generated = out.shape[1] - self.inputs["input_ids"].shape[1]
+        return out
 
-    return run
+
+def time_generate(model, prompt: dict, new_tokens: int, use_cache: bool, repeats: int, compiled: bool = False,
+                  wrap: Callable[[Callable], Callable] = lambda fn: fn) -> tuple[Timing, Timing, bool]:
+    """Timings of a 1-token and a `new_tokens` generate (`wrap`: e.g. a device synchronisation), and whether the
+    length had to be forced (`min_new_tokens`) because the model stopped at EOS first. `compiled` warms up at full
+    length: it compiles once per cache length."""
+
+    def timings(force_length: bool) -> tuple[Timing, Timing, GenerateCall]:
+        wrap(GenerateCall(model, prompt, new_tokens if compiled else 2, use_cache, compiled, force_length))()
+        first = measure(wrap(GenerateCall(model, prompt, 1, use_cache, compiled, force_length)), repeats, warmup=0)
+        full = GenerateCall(model, prompt, new_tokens, use_cache, compiled, force_length)
+        return first, measure(wrap(full), repeats, warmup=0), full
+
+    first, whole, full = timings(force_length=False)
+    if full.generated < new_tokens:
+        first, whole, full = timings(force_length=True)
+    return first, whole, full.kwargs.get("min_new_tokens") is not None
 
 
 def decode_rates(model, prompt: dict, new_tokens: int, use_cache: bool, repeats: int, compiled: bool = False) -> dict:
-    """Prefill time (a 1-token generate) and decode rate from a `new_tokens` generate: (N-1)·B / (t_N - t_1).
-    `compiled` (static cache, compiled decode steps) warms up at full length: it compiles once per cache length."""
-    generate_fn(model, prompt, new_tokens if compiled else 2, use_cache, compiled)()  # warm-up (and compile)
-    t1 = measure(generate_fn(model, prompt, 1, use_cache, compiled), repeats=repeats, warmup=0)
-    tn = measure(generate_fn(model, prompt, new_tokens, use_cache, compiled), repeats=repeats, warmup=0)
+    """Prefill time (a 1-token generate) and decode rate from a `new_tokens` generate: (N-1)·B / (t_N - t_1)."""
+    t1, tn, forced = time_generate(model, prompt, new_tokens, use_cache, repeats, compiled)
     batch, prompt_len = prompt["input_ids"].shape
     step_s = max(tn.median_s - t1.median_s, 1e-9) / (new_tokens - 1)
     step_cpu_s = max(tn.cpu_s - t1.cpu_s, 1e-9) / (new_tokens - 1)
@@ -220,6 +244,7 @@ def decode_rates(model, prompt: dict, new_tokens: int, use_cache: bool, repeats:
         "batch_size": batch,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
+        "forced_length": forced,
         "prefill": t1.to_dict(),
         "generate": tn.to_dict(),
         "prefill_tokens_per_s": batch * prompt_len / t1.median_s,

@@ -31,10 +31,13 @@ from benchmarks.suite import best_ceilings, evaluate_targets, load_config  # noq
 from benchmarks.timing import RssPeak, measure  # noqa: E402
 from benchmarks.workloads import (  # noqa: E402
     REFERENCE,
+    GenerateCall,
     TrainStep,
     build_model,
+    decode_rates,
     optimized_modes,
     prompt_batch,
+    time_generate,
     train_batch,
 )
 
@@ -174,6 +177,35 @@ def test_measure_reports_median_spread_and_cpu_share():
 def test_measure_rejects_zero_repeats():
     with pytest.raises(ValueError, match="repeats"):
         measure(lambda: None, repeats=0)
+
+
+def test_decode_timing_generates_as_a_user_calls_generate_without_a_length_forcing_processor():
+    model = build_model(tiny_config_kwargs()).eval()
+    prompt = prompt_batch(model.config, 1, 6)
+
+    call = GenerateCall(model, prompt, 12, use_cache=True)
+    call()
+    first, whole, forced = time_generate(model, prompt, 12, use_cache=True, repeats=1)
+
+    assert "min_new_tokens" not in call.kwargs and call.generated == 12
+    assert forced is False
+    assert first.repeats == whole.repeats == 1
+
+
+def test_decode_timing_forces_the_length_when_the_model_would_stop_at_eos():
+    model = build_model(tiny_config_kwargs()).eval()
+    prompt = prompt_batch(model.config, 1, 6)
+    free = GenerateCall(model, prompt, 12, use_cache=True)
+    model.config.eos_token_id = int(free()[0, -12])  # the first token it writes now ends the reply
+
+    stopped = GenerateCall(model, prompt, 12, use_cache=True)
+    stopped()
+    forced = GenerateCall(model, prompt, 12, use_cache=True, force_length=True)
+    forced()
+    rates = decode_rates(model, prompt, 12, use_cache=True, repeats=1)
+
+    assert stopped.generated == 1 and forced.generated == 12
+    assert rates["forced_length"] is True and rates["new_tokens"] == 12 and rates["decode_tokens_per_s"] > 0
 
 
 def test_rss_peak_sees_a_transient_allocation():
