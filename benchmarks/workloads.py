@@ -193,8 +193,8 @@ class GenerateCall:
     """Greedy `generate` of `new_tokens` tokens per call, called as a user calls it: stopping at EOS, with no logits
     processor. `min_new_tokens` would add two processors a step (0.5 ms at batch 1, 1.4 ms at batch 8 on the AVX2
     host, 3-4 % of the small model's eager step; RESULTS, optimisation 25), so it is passed only with `force_length`,
-    for a random-weight model that emits EOS first; `generated` (new tokens of the last call) shows which. `compiled`: with a static cache and compiled
-    decode steps (`qwenvl.inference.compiled_decode_config`)."""
+    for a random-weight model that emits EOS first; `generated` (new tokens of the last call) shows which.
+    `compiled`: with a static cache and compiled decode steps (`qwenvl.inference.compiled_decode_config`)."""
 
     def __init__(self, model: QwenVLForConditionalGeneration, prompt: dict, new_tokens: int, use_cache: bool,
                  compiled: bool = False, force_length: bool = False):
