@@ -229,9 +229,10 @@ def time_generate(model, prompt: dict, new_tokens: int, use_cache: bool, repeats
         return first, measure(wrap(full), repeats, warmup=0), full
 
     first, whole, full = timings(force_length=False)
-    if full.generated < new_tokens:
-        first, whole, full = timings(force_length=True)
-    return first, whole, full.kwargs.get("min_new_tokens") is not None
+    forced = full.generated < new_tokens
+    if forced:
+        first, whole, _ = timings(force_length=True)
+    return first, whole, forced
 
 
 def decode_rates(model, prompt: dict, new_tokens: int, use_cache: bool, repeats: int, compiled: bool = False) -> dict:
