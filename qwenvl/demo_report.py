@@ -164,8 +164,11 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
         shaping.append(f"up to {n_referrals} objects per training REC conversation")
     if minimal_share > 0:
         shaping.append(f"{minimal_share:.0%} of training REC rows name their object by the shortest unique phrase")
-    for qtype in data.get("drill", []):
-        shaping.append(f"a conversation of {qtype} questions only per training scene that has them")
+    drills = [f"one of {qtype} questions only" for qtype in data.get("drill", [])]
+    if drills:
+        drills[0] = "a conversation" + drills[0].removeprefix("one")
+        listed = drills[0] if len(drills) == 1 else ", ".join(drills[:-1]) + " and " + drills[-1]
+        shaping.append(f"{listed} per training scene that has them")
     shaping_note = f" ({'; '.join(shaping)})" if shaping else ""
     lines += [
         "",

@@ -57,7 +57,8 @@ def test_training_vqa_and_rec_rows_ask_the_recipes_number_of_questions_and_test_
             assert rows and {len(row["conversations"]) // 2 for row in rows} <= set(range(1, expected + 1))
             assert max(len(row["conversations"]) // 2 for row in rows) == expected, (task, split)
     assert (f"({questions} questions per training VQA conversation; up to {referrals} objects per training REC "
-            "conversation; a conversation of position questions only per training scene that has them)"
+            "conversation; a conversation of position questions only, one of color questions only and one of digit "
+            "questions only per training scene that has them)"
             ) in (demo_dir / "report.md").read_text()
 
 
@@ -124,7 +125,7 @@ def test_stage_two_has_phases_on_the_focus_tasks_only_then_a_refresh_on_every_ta
     recipe = json.loads(CONFIG_PATH.read_text())["quick"]["sft"]
     sft = json.loads((demo_dir / "sft" / "done.json").read_text())
     assert [phase["tasks"] for phase in sft["focus"]] == [phase["tasks"] for phase in recipe["focus"]] == [
-        ["rec"], ["vqa"], ["position_drill"]]
+        ["rec"], ["vqa"], ["position_drill"], ["color_drill", "digit_drill"], ["rec"]]
     for phase in sft["focus"]:
         assert 0 < phase["n_rows"] < sft["n_rows"]  # the phase's task's rows only, out of every task's rows
     assert sft["refresh"]["n_rows"] == sft["n_rows"]  # every task's rows again
@@ -135,7 +136,8 @@ def test_stage_two_has_phases_on_the_focus_tasks_only_then_a_refresh_on_every_ta
     assert steps == sorted(steps) and steps[-1] == sum(phase_recipe["max_steps"] for _, phase_recipe in phases)
     # The intermediate checkpoints are not left behind.
     assert [path.name for path in demo_dir.iterdir() if path.name.startswith("sft")] == ["sft"]
-    label = "stage 2: multi-task SFT, then REC only, then VQA only, then position questions only, then all tasks"
+    label = ("stage 2: multi-task SFT, then REC only, then VQA only, then position questions only, then color questions"
+             " + digit questions only, then REC only, then all tasks")
     assert f"| {label} |" in (demo_dir / "report.md").read_text()
 
 
@@ -225,8 +227,9 @@ def test_stage_two_trains_in_its_recipes_precision_in_every_phase(demo_dir, tmp_
     monkeypatch.setattr(demo_module, "_training_arguments",
                         lambda *args, **kwargs: autocast.append(args[4]) or arguments(*args, **kwargs))
     record = demo.stage_sft()
-    # Multi-task, then REC, then VQA, then position questions, then every task again.
-    assert compiled == [("QwenVLForConditionalGeneration", "eager")] * 5 and autocast == [True] * 5
+    # Multi-task, each focus phase, then every task again.
+    phases = 2 + len(demo.recipe["sft"]["focus"])
+    assert compiled == [("QwenVLForConditionalGeneration", "eager")] * phases and autocast == [True] * phases
     assert record["metrics"]["rec"]["n"] > 0 and (tmp_path / "sft" / "model.safetensors").exists()
     # The attention choice is the training's, not the checkpoint's: the saved model loads with SDPA.
     assert "attn_implementation" not in (tmp_path / "sft" / "config.json").read_text()
