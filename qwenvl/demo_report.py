@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .data.synthetic import DRILL_TASKS
+from .data.synthetic import DRILL_TASKS, _join
 
 TARGETS = {"rec": 0.80, "vqa": 0.90, "reward": 0.90}
 EVAL_STAGES = (("init", "untrained"), ("pretrain", "stage 1: adapter pre-training"),
@@ -164,11 +164,10 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
         shaping.append(f"up to {n_referrals} objects per training REC conversation")
     if minimal_share > 0:
         shaping.append(f"{minimal_share:.0%} of training REC rows name their object by the shortest unique phrase")
-    drills = [f"one of {qtype} questions only" for qtype in data.get("drill", [])]
+    drills = [f"{qtype} questions only" for qtype in data.get("drill", [])]
     if drills:
-        drills[0] = "a conversation" + drills[0].removeprefix("one")
-        listed = drills[0] if len(drills) == 1 else ", ".join(drills[:-1]) + " and " + drills[-1]
-        shaping.append(f"{listed} per training scene that has them")
+        kinds = _join([drills[0], *(f"one of {kind}" for kind in drills[1:])])
+        shaping.append(f"a conversation of {kinds} per training scene that has them")
     shaping_note = f" ({'; '.join(shaping)})" if shaping else ""
     lines += [
         "",
