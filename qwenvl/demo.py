@@ -9,6 +9,7 @@ Each finished stage leaves `<stage>/done.json`; a re-run continues after the las
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import random
@@ -141,6 +142,16 @@ def _attribute_targets(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
     nouns = len(PATCH_CLASSES) // len(COLORS)
     return classes // nouns, classes % nouns
+
+
+def _vision_rate(step: int, steps: int, peak: float, schedule: str) -> float:
+    """The vision stage's learning rate at `step` (1-based): a linear warm-up over the first 5 % of the steps, then
+    `peak` ("constant") or a cosine from `peak` down to 0 at the last step ("cosine")."""
+    warmup = max(1, steps // 20)
+    rate = peak * min(1.0, step / warmup)
+    if schedule == "cosine":
+        rate *= 0.5 * (1 + math.cos(math.pi * max(0, step - warmup) / max(1, steps - warmup)))
+    return rate
 
 
 def _chat_texts(rows: list[dict]) -> list[str]:
@@ -332,10 +343,10 @@ class Demo:
             return loss
 
         losses = []
-        warmup = max(1, recipe["max_steps"] // 20)
-        for step in range(1, recipe["max_steps"] + 1):
+        steps, schedule = recipe["max_steps"], self.vision_schedule()
+        for step in range(1, steps + 1):
             for group in optimizer.param_groups:
-                group["lr"] = recipe["learning_rate"] * min(1.0, step / warmup)
+                group["lr"] = _vision_rate(step, steps, recipe["learning_rate"], schedule)
             index = torch.randint(0, len(pixels), (recipe["batch_size"],), generator=generator).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 patches = vit.encode_patches(pixels[index])
@@ -345,7 +356,7 @@ class Demo:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if step % max(1, recipe["max_steps"] // 50) == 0:
+            if step % max(1, steps // 50) == 0:
                 losses.append((step, loss.item()))
         with torch.no_grad():
             patches = vit.encode_patches(test_pixels)
@@ -488,6 +499,14 @@ class Demo:
             raise ValueError(f"recipe vision.attribute_weight must be a number >= 0 (0: no colour and noun heads), "
                              f"got {weight!r}")
         return float(weight)
+
+    def vision_schedule(self) -> str:
+        """The vision stage's learning-rate `schedule` after its warm-up, checked like `attribute_weight`: "constant"
+        (the default) or "cosine" (decayed to 0 by the last step)."""
+        schedule = self.recipe["vision"].get("schedule", "constant")
+        if schedule not in ("constant", "cosine"):
+            raise ValueError(f"recipe vision.schedule must be \"constant\" or \"cosine\", got {schedule!r}")
+        return schedule
 
     def attention(self, recipe: dict) -> dict:
         """`from_pretrained` keywords for stage 2's `attn_implementation` ("eager" or "sdpa"; absent: the model's
@@ -667,6 +686,7 @@ class Demo:
     def run(self) -> dict:
         self.focus_phases()
         self.attribute_weight()
+        self.vision_schedule()
         self.attention(self.recipe["sft"])
         for stage in STAGES:
             folder = getattr(self.paths, stage)

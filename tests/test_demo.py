@@ -182,6 +182,30 @@ def test_a_bad_attribute_weight_is_refused_before_any_stage(tmp_path, weight):
     assert not (tmp_path / "data").exists()
 
 
+def test_the_vision_stage_warms_up_then_holds_or_decays_its_rate_on_a_cosine():
+    from qwenvl.demo import _vision_rate
+
+    steps, peak = 200, 2e-3  # warm-up: the first 10 steps
+    assert _vision_rate(1, steps, peak, "constant") == pytest.approx(peak / 10)
+    assert _vision_rate(1, steps, peak, "cosine") == pytest.approx(peak / 10)
+    assert [_vision_rate(s, steps, peak, "constant") for s in (10, 105, 200)] == [peak] * 3
+    cosine = [_vision_rate(s, steps, peak, "cosine") for s in range(10, steps + 1)]
+    assert cosine[0] == pytest.approx(peak) and cosine[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(cosine, cosine[1:]))  # falls at every step
+    assert _vision_rate(105, steps, peak, "cosine") == pytest.approx(peak / 2)  # halfway through the decay
+
+
+@pytest.mark.parametrize("schedule", ["linear", "Cosine", None])
+def test_a_bad_vision_schedule_is_refused_before_any_stage(tmp_path, schedule):
+    from qwenvl.demo import Demo
+
+    demo = Demo(tmp_path, quick=True)
+    demo.recipe["vision"]["schedule"] = schedule
+    with pytest.raises(ValueError, match=r'recipe vision.schedule must be "constant" or "cosine"'):
+        demo.run()
+    assert not (tmp_path / "data").exists()
+
+
 def test_a_focus_phase_naming_an_unknown_task_is_refused_before_training(tmp_path):
     from qwenvl.demo import Demo
 
