@@ -277,8 +277,11 @@ class Demo:
         NLL 0.41 -> 0.34, run 20 against run 19). With `attribute_weight` > 0 they also classify the object's colour
         and its noun (shape or digit) on their own, weighted so: pooled over colours, each handwritten digit gets five
         times the examples of its joint class (digit questions 0.49 -> 0.85 on 600 test scenes, run 24 against run
-        25), at some cost in coordinate digits (0.76 -> 0.69) and REC (0.69 -> 0.61). The position table starts as a
-        2-D sin-cos grid so positions are smooth from the first step. The LLM stays as initialised.
+        25), at some cost in coordinate digits (0.76 -> 0.69) and REC (0.69 -> 0.61). The recipe's `schedule`
+        "cosine" decays the rate to 0 after the warm-up: 6000 such steps against 3000 at a constant rate read the
+        image tokens' coordinate digits 0.69 -> 0.86 and nouns 0.92 -> 0.96, and after stage 2 took digit questions
+        0.70 -> 0.84 on 600 test scenes (run 39 against run 38). The position table starts as a 2-D sin-cos grid so
+        positions are smooth from the first step. The LLM stays as initialised.
         """
         import torch.nn.functional as F
         from transformers import AutoModelForCausalLM
