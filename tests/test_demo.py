@@ -171,13 +171,19 @@ def test_a_phase_reads_as_many_rows_as_its_steps_take_drawn_at_random(tmp_path):
     assert demo._rows_for_steps(rows, {"max_steps": 30, "batch_size": 4}, "sft") == rows  # fewer rows: all of them
 
 
-@pytest.mark.parametrize("weight", [-0.3, "0.3", True, float("nan")])
-def test_a_bad_attribute_weight_is_refused_before_any_stage(tmp_path, weight):
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [*[("attribute_weight", weight, r"recipe vision.attribute_weight must be a number >= 0")
+       for weight in (-0.3, "0.3", True, float("nan"))],
+     *[("schedule", schedule, r'recipe vision.schedule must be "constant" or "cosine"')
+       for schedule in ("linear", "Cosine", None)]],
+)
+def test_a_bad_vision_recipe_value_is_refused_before_any_stage(tmp_path, key, value, message):
     from qwenvl.demo import Demo
 
     demo = Demo(tmp_path, quick=True)
-    demo.recipe["vision"]["attribute_weight"] = weight
-    with pytest.raises(ValueError, match=r"recipe vision.attribute_weight must be a number >= 0"):
+    demo.recipe["vision"][key] = value
+    with pytest.raises(ValueError, match=message):
         demo.run()
     assert not (tmp_path / "data").exists()
 
@@ -193,17 +199,6 @@ def test_the_vision_stage_warms_up_then_holds_or_decays_its_rate_on_a_cosine():
     assert cosine[0] == pytest.approx(peak) and cosine[-1] == pytest.approx(0.0, abs=1e-12)
     assert all(a > b for a, b in zip(cosine, cosine[1:]))  # falls at every step
     assert _vision_rate(105, steps, peak, "cosine") == pytest.approx(peak / 2)  # halfway through the decay
-
-
-@pytest.mark.parametrize("schedule", ["linear", "Cosine", None])
-def test_a_bad_vision_schedule_is_refused_before_any_stage(tmp_path, schedule):
-    from qwenvl.demo import Demo
-
-    demo = Demo(tmp_path, quick=True)
-    demo.recipe["vision"]["schedule"] = schedule
-    with pytest.raises(ValueError, match=r'recipe vision.schedule must be "constant" or "cosine"'):
-        demo.run()
-    assert not (tmp_path / "data").exists()
 
 
 def test_a_focus_phase_naming_an_unknown_task_is_refused_before_training(tmp_path):
