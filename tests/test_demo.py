@@ -57,8 +57,8 @@ def test_training_vqa_and_rec_rows_ask_the_recipes_number_of_questions_and_test_
             assert rows and {len(row["conversations"]) // 2 for row in rows} <= set(range(1, expected + 1))
             assert max(len(row["conversations"]) // 2 for row in rows) == expected, (task, split)
     assert (f"({questions} questions per training VQA conversation; up to {referrals} objects per training REC "
-            "conversation; a conversation of position questions only, one of color questions only and one of digit "
-            "questions only per training scene that has them)"
+            "conversation; a conversation of position questions only, one of color questions only, one of digit "
+            "questions only and one of count questions only per training scene that has them)"
             ) in (demo_dir / "report.md").read_text()
 
 
@@ -125,7 +125,7 @@ def test_stage_two_has_phases_on_the_focus_tasks_only_then_a_refresh_on_every_ta
     recipe = json.loads(CONFIG_PATH.read_text())["quick"]["sft"]
     sft = json.loads((demo_dir / "sft" / "done.json").read_text())
     assert [phase["tasks"] for phase in sft["focus"]] == [phase["tasks"] for phase in recipe["focus"]] == [
-        ["rec"], ["vqa"], ["position_drill"], ["color_drill", "digit_drill"], ["rec"]]
+        ["rec"], ["vqa"], ["position_drill"], ["color_drill", "digit_drill", "count_drill"], ["rec"]]
     for phase in sft["focus"]:
         assert 0 < phase["n_rows"] < sft["n_rows"]  # the phase's task's rows only, out of every task's rows
     assert sft["refresh"]["n_rows"] == sft["n_rows"]  # every task's rows again
@@ -137,7 +137,7 @@ def test_stage_two_has_phases_on_the_focus_tasks_only_then_a_refresh_on_every_ta
     # The intermediate checkpoints are not left behind.
     assert [path.name for path in demo_dir.iterdir() if path.name.startswith("sft")] == ["sft"]
     label = ("stage 2: multi-task SFT, then REC only, then VQA only, then position questions only, then color questions"
-             " + digit questions only, then REC only, then all tasks")
+             " + digit questions + count questions only, then REC only, then all tasks")
     assert f"| {label} |" in (demo_dir / "report.md").read_text()
 
 
