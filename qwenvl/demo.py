@@ -449,8 +449,8 @@ class Demo:
                                tasks=("caption",))
 
     def stage_sft(self) -> dict:
-        """Multi-task SFT, then phases on the recipe's `focus` tasks only (REC, VQA, position questions, colour and
-        digit questions, REC again), then a short `refresh` on every task.
+        """Multi-task SFT, then phases on the recipe's `focus` tasks only (REC, VQA, position questions, colour, digit
+        and count questions, REC again), then a short `refresh` on every task.
 
         The ViT was pre-trained in its own stage (as the release's OpenCLIP ViT was) and is kept as it is. The tasks
         compete for the small LLM: mixed in, REC stops improving (0.42 with every REC row three times for 4000
