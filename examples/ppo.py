@@ -3,7 +3,8 @@
 
 The policy starts from an SFT checkpoint; the reward is either a vision-language reward model (`--reward_model_path`,
 e.g. the output of `examples/reward.py`; the critic starts as its copy) or the programmatic rewards of
-`qwenvl.rl.rewards` (IoU of the first `<box>` against the row's `box`, exact match against its `answer`). With
+`qwenvl.rl.rewards` (IoU of the first `<box>` against the row's `box`, exact match against its `answer`), or both
+(`--task_rewards`: the reward model's score plus the programmatic rewards, weighted by `--reward_weights`). With
 `--ptx_coef > 0` each policy loss also gets the language-modelling loss of one batch of `--ptx_data_path` (SFT rows,
 e.g. an original finetune JSON), InstructGPT's PPO-ptx. The policy is saved hub-ready in `--output_dir`.
 
@@ -39,6 +40,10 @@ class ScriptArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "The SFT policy (a qwenvl folder)."})
     reward_model_path: str | None = field(
         default=None, metadata={"help": "A reward model folder; without it the IoU and exact-match rewards are used."}
+    )
+    task_rewards: bool = field(
+        default=False,
+        metadata={"help": "With --reward_model_path, also add the IoU and exact-match rewards (--reward_weights)."},
     )
     data_path: str | None = field(default=None, metadata={"help": "Prompt rows."})
     ptx_data_path: str | None = field(default=None, metadata={"help": "SFT rows for the pre-training term."})
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> PPOTrainer:
                 f"{script_args.reward_model_path}: the reward model's vocabulary ({reward_model.config.vocab_size}) "
                 f"differs from the policy's ({policy.config.vocab_size}); both must use the same processor"
             )
-    else:
+    if not script_args.reward_model_path or script_args.task_rewards:
         reward_fn = [iou_reward, exact_match_reward]
     peft_config = None
     if script_args.use_lora:

@@ -196,6 +196,33 @@ def test_a_likelihood_reward_model_scores_rollouts_and_the_critic_comes_from_the
         torch.testing.assert_close(rollout.scores[i], expected, atol=1e-4, rtol=1e-4)
 
 
+def test_a_reward_model_and_weighted_reward_callables_add_up_to_the_score(tmp_path):
+    from qwenvl import QwenVLForLikelihoodReward
+
+    policy, processor = build_tiny_model_and_processor(seed=1)
+    policy.save_pretrained(tmp_path / "sft")
+    reward_model = QwenVLForLikelihoodReward.from_pretrained(
+        tmp_path / "sft", reward_scale=0.5, reply_start_token_id=processor.tokenizer.convert_tokens_to_ids("<|im_start|>"))
+
+    def first_row_only(completions, **kwargs):  # "no opinion" on the other rows: the reward model still scores them
+        return [1.0] + [None] * (len(completions) - 1)
+
+    def length(completions, **kwargs):
+        return [float(len(c[0]["content"])) for c in completions]
+
+    config = tiny_config(tmp_path, per_device_train_batch_size=2, response_length=6, reward_weights=[2.0, -0.5])
+    trainer = PPOTrainer(config, processor, policy, reward_model=reward_model, reward_fn=[first_row_only, length],
+                         train_dataset=mixed_rows())
+    rows = mixed_rows()
+    rollout = trainer.generate_rollout(rows)
+    for i, row in enumerate(rows):
+        ids, extra, _ = row_alone(trainer, processor, rollout, row, i)
+        with torch.no_grad():
+            expected = reward_model(input_ids=ids, **extra).logits[0, 0]
+        expected = expected + (2.0 if i == 0 else 0.0) - 0.5 * len(rollout.completions[i])
+        torch.testing.assert_close(rollout.scores[i], expected, atol=1e-4, rtol=1e-4)
+
+
 def test_normalized_scores_become_unit_scale_rewards_and_the_logs_keep_the_raw_scores(tmp_path):
     policy, processor = build_tiny_model_and_processor(seed=1)
     config = tiny_config(tmp_path, per_device_train_batch_size=2, num_mini_batches=2, normalize_scores=True)
@@ -331,6 +358,8 @@ def test_config_rejects_bad_values():
         PPOConfig(temperature=0)
     with pytest.raises(ValueError, match="num_mini_batches"):
         PPOConfig(num_mini_batches=0)
+    with pytest.raises(ValueError, match="reward_weights must be finite"):
+        PPOConfig(reward_weights=[1.0, float("nan")])
     config = PPOConfig(per_device_train_batch_size=2, gradient_accumulation_steps=4, num_mini_batches=2,
                        total_episodes=100)
     assert config.local_batch_size == 16 and config.batch_size(world_size=2) == 32
@@ -341,8 +370,11 @@ def test_trainer_names_the_bad_row_and_field(tmp_path):
     policy, processor = build_tiny_model_and_processor()
     reward = make_half_vocab_reward(processor)
     config = tiny_config(tmp_path, per_device_train_batch_size=2, num_mini_batches=1)
-    with pytest.raises(ValueError, match="exactly one of reward_model"):
+    with pytest.raises(ValueError, match="pass a reward_model"):
         PPOTrainer(config, processor, policy, train_dataset=colour_rows(4))
+    with pytest.raises(ValueError, match="2 weights for 1 reward callables"):
+        PPOTrainer(tiny_config(tmp_path, per_device_train_batch_size=2, num_mini_batches=1, reward_weights=[1, 2]),
+                   processor, policy, reward_fn=reward, train_dataset=colour_rows(4))
     with pytest.raises(ValueError, match="fewer than the 16 prompts"):
         PPOTrainer(tiny_config(tmp_path), processor, policy, reward_fn=reward, train_dataset=colour_rows(4))
     trainer = PPOTrainer(config, processor, policy, reward_fn=reward, train_dataset=colour_rows(4))
@@ -361,14 +393,19 @@ def test_trainer_names_the_bad_row_and_field(tmp_path):
 
 
 
-def test_ppo_example_with_a_reward_model_and_ptx_writes_a_reloadable_policy(tmp_path):
+def test_ppo_example_with_a_reward_model_task_rewards_and_ptx_writes_a_reloadable_policy(tmp_path):
     reward_model, processor = build_tiny_model_and_processor(seed=6, reward_model=True)
     reward_model.save_pretrained(tmp_path / "rm")
     processor.save_pretrained(tmp_path / "rm")
     out = tmp_path / "ppo"
 
     trainer = load_example("ppo").main(["--tiny", "--output_dir", str(out), "--reward_model_path", str(tmp_path / "rm"),
+                                        "--task_rewards", "--reward_weights", "2", "0.5",
                                         "--ptx_coef", "0.5", "--total_episodes", "16", "--response_length", "6"])
+
+    assert trainer.reward_model is not None
+    assert [fn.__name__ for fn in trainer.reward_fns] == ["iou_reward", "exact_match_reward"]
+    assert trainer.reward_weights == [2.0, 0.5]
 
     history = trainer.history
     assert len(history) == 2 and all(entry["loss/ptx_avg"] > 0 for entry in history)

@@ -69,6 +69,9 @@ class PPOConfig:
     kl_target: float = 6.0
     kl_horizon: int = 10000
     whiten_rewards: bool = False
+    reward_weights: list[float] | None = None
+    """Weight of each reward callable (`PPOTrainer(reward_fn=[...])`, in order) in the score; `None` weighs each 1. A
+    reward model's score, when there is one too, is added with weight 1 (its scale is its own `reward_scale`)."""
     normalize_scores: bool = False
     """Standardise the reward model's scores with their running mean and std (over every rollout so far) before the
     KL penalty is added: returns then sit on a unit scale, where a critic starting at 0 begins close (scores of about
@@ -120,6 +123,10 @@ class PPOConfig:
             raise ValueError(f"PPOConfig.total_episodes must be positive, got {self.total_episodes}")
         if self.save_steps is not None and self.save_steps < 1:
             raise ValueError(f"PPOConfig.save_steps must be positive or None, got {self.save_steps}")
+        if self.reward_weights is not None:
+            self.reward_weights = [float(w) for w in self.reward_weights]
+            if not all(math.isfinite(w) for w in self.reward_weights):
+                raise ValueError(f"PPOConfig.reward_weights must be finite numbers, got {self.reward_weights}")
         if isinstance(self.report_to, str):
             self.report_to = [] if self.report_to == "none" else [self.report_to]
 

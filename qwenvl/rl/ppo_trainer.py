@@ -171,11 +171,13 @@ class PPOTrainer:
         ref_policy: the frozen reference; `None` uses a frozen deep copy of `policy`, or, with `peft_config`, the
             policy with its adapters disabled.
         reward_model: a `QwenVLForSequenceClassification` with `num_labels=1` that scores prompt + response at the
-            last response token, with the images, or a `QwenVLForLikelihoodReward`. Exactly one of `reward_model`
-            and `reward_fn` is required.
-        reward_fn: a reward callable (or a list, summed) with the TRL calling convention of `qwenvl.rl.rewards`:
-            `fn(prompts=messages, completions=[[{"role": "assistant", "content": text}]], completion_ids=...,
-            **other_dataset_columns)`, returning one float (or `None`, "no opinion") per row.
+            last response token, with the images, or a `QwenVLForLikelihoodReward`.
+        reward_fn: a reward callable (or a list, summed with `config.reward_weights`) with the TRL calling convention
+            of `qwenvl.rl.rewards`: `fn(prompts=messages, completions=[[{"role": "assistant", "content": text}]],
+            completion_ids=..., **other_dataset_columns)`, returning one float (or `None`, "no opinion") per row. At
+            least one of `reward_model` and `reward_fn` is required; with both, a response's score is the reward
+            model's plus the weighted callables' (e.g. task correctness, `iou_reward` / `exact_match_reward`, which
+            the reward model's preference pairs only approximate).
         value_model: the critic; `None` copies the reward model (or, with `reward_fn` or a likelihood reward model,
             builds one from the policy with a zero-initialised head). A critic created here trains its vision tower
             only if the policy does.
@@ -204,8 +206,15 @@ class PPOTrainer:
     ):
         if train_dataset is None:
             raise ValueError("PPOTrainer needs a train_dataset of prompt rows")
-        if (reward_model is None) == (reward_fn is None):
-            raise ValueError("pass exactly one of reward_model (a VLM reward model) and reward_fn (reward callables)")
+        if isinstance(reward_fn, (list, tuple)):
+            reward_fns = list(reward_fn)
+        else:
+            reward_fns = [] if reward_fn is None else [reward_fn]
+        if reward_model is None and not reward_fns:
+            raise ValueError("pass a reward_model (a VLM reward model), reward_fn (reward callables), or both")
+        if config.reward_weights is not None and len(config.reward_weights) != len(reward_fns):
+            raise ValueError(f"PPOConfig.reward_weights has {len(config.reward_weights)} weights for "
+                             f"{len(reward_fns)} reward callables")
         if ref_policy is not None and ref_policy is policy:
             raise ValueError("ref_policy must not be the policy itself; leave it None to get a frozen copy")
         if config.ptx_coef > 0 and ptx_dataset is None:
@@ -260,9 +269,8 @@ class PPOTrainer:
                 policy.enable_input_require_grads()
         self.ref_policy = ref_policy.to(self.accelerator.device) if ref_policy is not None else None
         self.reward_model = reward_model.to(self.accelerator.device) if reward_model is not None else None
-        self.reward_fns = (
-            None if reward_fn is None else list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn]
-        )
+        self.reward_fns = reward_fns
+        self.reward_weights = config.reward_weights or [1.0] * len(reward_fns)
         self._feature_source = self._plan_image_features(policy, value_model)
 
         # Tokens
@@ -500,10 +508,12 @@ class PPOTrainer:
     def _score_with_functions(
         self, rows: list[dict], messages: list[list[dict]], completions: list[str], responses: list[list[int]]
     ) -> torch.Tensor:
+        """The weighted sum of the reward callables' values per row; a row that every callable leaves unscored
+        (`None`) is an error unless the reward model scores it too."""
         columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
         total = np.zeros(len(rows))
         scored = np.zeros(len(rows), dtype=bool)
-        for fn in self.reward_fns:
+        for fn, weight in zip(self.reward_fns, self.reward_weights):
             values = fn(
                 prompts=messages,
                 completions=[[{"role": "assistant", "content": text}] for text in completions],
@@ -517,9 +527,9 @@ class PPOTrainer:
                 if value is not None:
                     if not math.isfinite(float(value)):
                         raise ValueError(f"reward function {name} returned {value} for row {i}")
-                    total[i] += float(value)
+                    total[i] += weight * float(value)
                     scored[i] = True
-        if not scored.all():
+        if self.reward_model is None and not scored.all():
             raise ValueError(f"no reward function scored rows {np.flatnonzero(~scored).tolist()} (all returned None)")
         return torch.tensor(total, dtype=torch.float32, device=self.accelerator.device)
 
@@ -593,10 +603,9 @@ class PPOTrainer:
             self.tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=False)
             for ids in response_lists
         ]
-        if self.reward_model is not None:
-            scores = torch.cat(scores)
-        else:
-            scores = self._score_with_functions(rows, messages, completions, response_lists)
+        scores = torch.cat(scores) if self.reward_model is not None else torch.zeros(len(rows), device=device)
+        if self.reward_fns:
+            scores = scores + self._score_with_functions(rows, messages, completions, response_lists)
         if config.missing_eos_penalty is not None:
             scores = scores - config.missing_eos_penalty * (~has_stop).float()
 
