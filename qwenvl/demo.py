@@ -55,6 +55,15 @@ def _finish(folder: Path, record: dict) -> dict:
     return record
 
 
+def _standard_error(values: list[float]) -> float:
+    """Standard error of the mean of `values` (of paired differences: PPO's answer's reward minus SFT's)."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     from .eval import load_jsonl
 
@@ -611,11 +620,14 @@ class Demo:
                              "answer": row["answer"]})
         return rows
 
-    def mean_reward(self, policy_dir: Path, rows: list[dict]) -> float:
-        """Mean reward-model score of the greedy answers of a policy to held-out prompts."""
+    def held_out_rewards(self, policy_dir: Path, rows: list[dict]) -> dict[str, list[float]]:
+        """Per-prompt rewards of a policy's greedy answers to held-out prompts: the reward model's score, the task
+        score (IoU of the first box for REC rows, normalised exact match for VQA rows) and PPO's reward, the first
+        plus `ppo.task_reward_weight` times the second."""
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         from .eval.runner import score_conversations
+        from .rl.rewards import exact_match_reward, iou_reward
 
         policy = AutoModelForCausalLM.from_pretrained(policy_dir, trust_remote_code=True).to(self.device).eval()
         reward_model = AutoModelForSequenceClassification.from_pretrained(self.paths.reward, trust_remote_code=True)
@@ -628,14 +640,21 @@ class Demo:
                                              images=[r["images"] for r in chunk], trusted_text=True,
                                              max_new_tokens=self.recipe["ppo"]["response_length"], do_sample=False)
             answers.extend(responses)
-        scores = score_conversations(reward_model, processor, [r["prompt"] for r in rows], answers,
-                                     [r["images"][0] for r in rows])
-        return float(sum(scores) / len(scores))
+        model_scores = [float(s) for s in score_conversations(reward_model, processor, [r["prompt"] for r in rows],
+                                                               answers, [r["images"][0] for r in rows])]
+        completions = [[{"role": "assistant", "content": a}] for a in answers]
+        ious = iou_reward(completions, box=[r["box"] for r in rows], images=[r["images"] for r in rows])
+        matches = exact_match_reward(completions, answer=[r["answer"] for r in rows])
+        task = [iou if iou is not None else match for iou, match in zip(ious, matches)]
+        weight = self.recipe["ppo"].get("task_reward_weight", 0.0)
+        return {"reward_model": model_scores, "task": task,
+                "reward": [m + weight * t for m, t in zip(model_scores, task)]}
 
     def stage_ppo(self) -> dict:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         from .rl import PPOConfig, PPOTrainer
+        from .rl.rewards import exact_match_reward, iou_reward
         from .train import QwenVLDataCollator
 
         recipe = self.recipe["ppo"]
@@ -643,6 +662,8 @@ class Demo:
         policy = AutoModelForCausalLM.from_pretrained(self.paths.sft, trust_remote_code=True, dtype=torch.float32)
         reward_model = AutoModelForSequenceClassification.from_pretrained(self.paths.reward, trust_remote_code=True,
                                                                           dtype=torch.float32)
+        # Task correctness on top of the reward model: its preference pairs only approximate it (README, PPO).
+        task_weight = recipe.get("task_reward_weight", 0.0)
         config = PPOConfig(
             output_dir=str(self.paths.ppo / "trainer"), seed=self.seed, learning_rate=recipe["learning_rate"],
             per_device_train_batch_size=recipe["batch_size"] // recipe["num_mini_batches"],
@@ -650,10 +671,12 @@ class Demo:
             num_ppo_epochs=recipe["num_ppo_epochs"], total_episodes=recipe["total_episodes"],
             response_length=recipe["response_length"], kl_coef=recipe["kl_coef"], ptx_coef=recipe["ptx_coef"],
             normalize_scores=recipe.get("normalize_scores", False),
+            reward_weights=[task_weight, task_weight] if task_weight else None,
             ptx_batch_size=recipe["batch_size"], mixed_precision="bf16" if self.bf16 else "no",
             chat_template_kwargs={"trusted_text": True}, use_cpu=self.device == "cpu",
         )
         trainer = PPOTrainer(config, processor, policy, reward_model=reward_model,
+                             reward_fn=[iou_reward, exact_match_reward] if task_weight else None,
                              # As many prompts as episodes: the split's 20,000 would be decoded for 128 of them.
                              train_dataset=self._ppo_rows("train", recipe["total_episodes"]),
                              ptx_dataset=self.train_rows(),
@@ -661,9 +684,14 @@ class Demo:
         history = trainer.train()
         trainer.save_model(str(self.paths.ppo))
         held_out = self._ppo_rows("test", self.recipe["eval"]["n_prompts"])
-        return {"history": history, "metrics": self.evaluate(self.paths.ppo),
-                "reward_sft": self.mean_reward(self.paths.sft, held_out),
-                "reward_ppo": self.mean_reward(self.paths.ppo, held_out)}
+        sft, ppo = (self.held_out_rewards(folder, held_out) for folder in (self.paths.sft, self.paths.ppo))
+        record = {"history": history, "metrics": self.evaluate(self.paths.ppo), "task_reward_weight": task_weight}
+        for key in ("reward", "reward_model", "task"):
+            differences = [b - a for a, b in zip(sft[key], ppo[key])]
+            record[f"{key}_sft"] = sum(sft[key]) / len(held_out)
+            record[f"{key}_ppo"] = sum(ppo[key]) / len(held_out)
+            record[f"{key}_paired_se"] = _standard_error(differences)
+        return record
 
     # ---------------------------------------------------------------------------------------------------------
     # Evaluation and outputs

@@ -128,6 +128,29 @@ def stage_table(records: dict) -> list[dict]:
     return table
 
 
+def ppo_summary(ppo: dict) -> str:
+    """The held-out rewards of SFT's and PPO's greedy answers, with the paired difference's standard error (one
+    draw of 100 prompts moves the mean by about that much), the task score, and the reward model's part of the reward
+    when PPO adds the task score to it."""
+
+    def change(key: str) -> str:
+        before, after, se = ppo.get(f"{key}_sft"), ppo.get(f"{key}_ppo"), ppo.get(f"{key}_paired_se")
+        if before is None or after is None:
+            return "–"
+        paired = "" if se is None else f", paired difference {after - before:+.3f} ± {se:.3f} s.e."
+        return f"{_fmt(before)} (SFT) → {_fmt(after)} (PPO){paired}"
+
+    weight = ppo.get("task_reward_weight")
+    if not weight:
+        summary = f"held-out mean reward {change('reward')}"
+    else:
+        summary = (f"held-out mean reward (the reward model's score + {weight:g} × the task score) {change('reward')}; "
+                   f"the reward model's score {change('reward_model')}")
+    if ppo.get("task_sft") is not None:
+        summary += f"; task score (REC: IoU, VQA: exact match) {change('task')}"
+    return summary
+
+
 def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
     table = stage_table(records)
     reward = records.get("reward", {})
@@ -186,8 +209,7 @@ def write_report(records: dict, path: Path, quick: bool, machine: str) -> None:
         f"{_fmt(vision.get('seconds'), 0)} |",
         f"| reward model | held-out pairwise accuracy {_fmt(pairwise)}{before_training} | "
         f"{_fmt(reward.get('seconds'), 0)} |",
-        f"| PPO-ptx | held-out mean reward {_fmt(ppo.get('reward_sft'))} (SFT) → {_fmt(ppo.get('reward_ppo'))} (PPO) | "
-        f"{_fmt(ppo.get('seconds'), 0)} |",
+        f"| PPO-ptx | {ppo_summary(ppo)} | {_fmt(ppo.get('seconds'), 0)} |",
         "",
         "## Targets",
         "",

@@ -107,7 +107,12 @@ def test_stage_two_beats_the_untrained_model(demo_dir):
     for task, key in (("rec", "accuracy"), ("vqa", "accuracy"), ("caption", "cider_d")):
         assert sft[task][key] >= untrained[task][key]
     ppo = json.loads((demo_dir / "ppo" / "done.json").read_text())
-    assert ppo["history"] and all(k in ppo for k in ("reward_sft", "reward_ppo"))
+    assert ppo["history"]
+    for stage in ("sft", "ppo"):  # PPO's reward: the reward model's score plus the weighted task score
+        assert ppo[f"reward_{stage}"] == pytest.approx(
+            ppo[f"reward_model_{stage}"] + ppo["task_reward_weight"] * ppo[f"task_{stage}"])
+        assert 0.0 <= ppo[f"task_{stage}"] <= 1.0
+    assert ppo["reward_paired_se"] >= 0.0
 
 
 def test_the_reward_model_is_scored_before_and_after_its_pairwise_training(demo_dir):
@@ -414,3 +419,20 @@ def test_the_demo_report_names_how_the_training_data_were_shaped(tmp_path):
         write_report({"data": {"n_train_scenes": 10, "seconds": 1.0, **data}}, tmp_path / "report.md",
                      quick=True, machine="test")
         assert expected in (tmp_path / "report.md").read_text(encoding="utf-8")
+
+
+def test_the_report_gives_ppos_held_out_rewards_with_the_paired_standard_error_and_the_rewards_parts():
+    from qwenvl.demo_report import ppo_summary
+
+    ppo = {"reward_sft": -20.0, "reward_ppo": -19.5, "reward_paired_se": 0.25, "task_reward_weight": 0.0}
+    assert ppo_summary(ppo) == ("held-out mean reward -20.000 (SFT) → -19.500 (PPO), paired difference +0.500 ± "
+                                "0.250 s.e.")
+    ppo.update(task_sft=0.75, task_ppo=0.85, task_paired_se=0.02)
+    task = "task score (REC: IoU, VQA: exact match) 0.750 (SFT) → 0.850 (PPO), paired difference +0.100 ± 0.020 s.e."
+    assert ppo_summary(ppo).endswith(f"0.250 s.e.; {task}")
+    ppo.update(task_reward_weight=4.0, reward_model_sft=-23.0, reward_model_ppo=-22.9, reward_model_paired_se=0.1)
+    assert ppo_summary(ppo) == (
+        "held-out mean reward (the reward model's score + 4 × the task score) -20.000 (SFT) → -19.500 (PPO), paired "
+        "difference +0.500 ± 0.250 s.e.; the reward model's score -23.000 (SFT) → -22.900 (PPO), paired difference "
+        f"+0.100 ± 0.100 s.e.; {task}")
+    assert ppo_summary({}) == "held-out mean reward –"
