@@ -176,33 +176,41 @@ def test_rollout_scores_each_row_with_its_own_images(tmp_path):
     assert not bool((rollout.responses == processor.tokenizer.convert_tokens_to_ids("<imgpad>")).any())
 
 
-def test_a_likelihood_reward_model_scores_rollouts_and_the_critic_comes_from_the_policy(tmp_path):
+def policy_and_likelihood_reward_model(tmp_path) -> tuple:
+    """A tiny policy, its processor, and a likelihood reward model loaded from the policy's saved weights."""
     from qwenvl import QwenVLForLikelihoodReward
 
     policy, processor = build_tiny_model_and_processor(seed=1)
     policy.save_pretrained(tmp_path / "sft")
     reward_model = QwenVLForLikelihoodReward.from_pretrained(
         tmp_path / "sft", reward_scale=0.5, reply_start_token_id=processor.tokenizer.convert_tokens_to_ids("<|im_start|>"))
+    return policy, processor, reward_model
+
+
+def scores_row_by_row(trainer, processor, reward_model, rollout, rows) -> torch.Tensor:
+    """The reward model's score of each rollout row (prompt + sampled response) processed on its own."""
+    scores = []
+    for i, row in enumerate(rows):
+        ids, extra, _ = row_alone(trainer, processor, rollout, row, i)
+        with torch.no_grad():
+            scores.append(reward_model(input_ids=ids, **extra).logits[0, 0])
+    return torch.stack(scores)
+
+
+def test_a_likelihood_reward_model_scores_rollouts_and_the_critic_comes_from_the_policy(tmp_path):
+    policy, processor, reward_model = policy_and_likelihood_reward_model(tmp_path)
     trainer = PPOTrainer(tiny_config(tmp_path, per_device_train_batch_size=2, response_length=6), processor, policy,
                          reward_model=reward_model, train_dataset=mixed_rows())
 
     assert not trainer.value_model.score.weight.any()  # a new zero-initialised head on a copy of the policy
     rows = mixed_rows()
     rollout = trainer.generate_rollout(rows)
-    for i, row in enumerate(rows):
-        ids, extra, response = row_alone(trainer, processor, rollout, row, i)
-        with torch.no_grad():
-            expected = reward_model(input_ids=ids, **extra).logits[0, 0]
-        torch.testing.assert_close(rollout.scores[i], expected, atol=1e-4, rtol=1e-4)
+    expected = scores_row_by_row(trainer, processor, reward_model, rollout, rows)
+    torch.testing.assert_close(rollout.scores, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_a_reward_model_and_weighted_reward_callables_add_up_to_the_score(tmp_path):
-    from qwenvl import QwenVLForLikelihoodReward
-
-    policy, processor = build_tiny_model_and_processor(seed=1)
-    policy.save_pretrained(tmp_path / "sft")
-    reward_model = QwenVLForLikelihoodReward.from_pretrained(
-        tmp_path / "sft", reward_scale=0.5, reply_start_token_id=processor.tokenizer.convert_tokens_to_ids("<|im_start|>"))
+    policy, processor, reward_model = policy_and_likelihood_reward_model(tmp_path)
 
     def first_row_only(completions, **kwargs):  # "no opinion" on the other rows: the reward model still scores them
         return [1.0] + [None] * (len(completions) - 1)
@@ -215,12 +223,9 @@ def test_a_reward_model_and_weighted_reward_callables_add_up_to_the_score(tmp_pa
                          train_dataset=mixed_rows())
     rows = mixed_rows()
     rollout = trainer.generate_rollout(rows)
-    for i, row in enumerate(rows):
-        ids, extra, _ = row_alone(trainer, processor, rollout, row, i)
-        with torch.no_grad():
-            expected = reward_model(input_ids=ids, **extra).logits[0, 0]
-        expected = expected + (2.0 if i == 0 else 0.0) - 0.5 * len(rollout.completions[i])
-        torch.testing.assert_close(rollout.scores[i], expected, atol=1e-4, rtol=1e-4)
+    expected = scores_row_by_row(trainer, processor, reward_model, rollout, rows)
+    expected += torch.tensor([2.0, 0.0, 0.0, 0.0]) - 0.5 * torch.tensor([float(len(c)) for c in rollout.completions])
+    torch.testing.assert_close(rollout.scores, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_normalized_scores_become_unit_scale_rewards_and_the_logs_keep_the_raw_scores(tmp_path):
