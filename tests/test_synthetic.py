@@ -543,6 +543,21 @@ def test_a_drill_sample_asks_distinct_questions_of_its_type_only(scenes):
     assert 4 in sizes
 
 
+def test_a_count_drill_asks_about_one_absent_category_among_present_ones(scenes):
+    positions = set()
+    for scene in scenes:
+        drill = syn.drill_sample(scene, "count", 4, id_prefix="x")
+        turns = [(drill.prompt, drill.answer)] + drill.follow_ups
+        answers = [answer for _, answer in turns]
+        assert answers.count("0") == 1 and len({prompt for prompt, _ in turns}) == len(turns) <= 4
+        assert all(answer == oracle(scene, prompt) for prompt, answer in turns)
+        positions.add(answers.index("0"))
+        assert syn.drill_sample(scene, "count", 4, id_prefix="x") == drill
+        single = syn.drill_sample(scene, "count", 1, id_prefix="x")
+        assert single.answer != "0" and not single.follow_ups  # one turn: a present category
+    assert len(positions) > 1  # not always the same turn
+
+
 def test_drill_rows_are_added_to_the_training_split_only_and_change_no_other_row(tmp_path):
     plain = syn.generate_dataset(tmp_path / "plain", n_train=12, n_val=3, n_test=3, image_size=64, seed=3,
                                  vqa_questions=2)
