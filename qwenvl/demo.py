@@ -14,6 +14,7 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,11 +58,9 @@ def _finish(folder: Path, record: dict) -> dict:
 
 def _standard_error(values: list[float]) -> float:
     """Standard error of the mean of `values` (of paired differences: PPO's answer's reward minus SFT's)."""
-    n = len(values)
-    if n < 2:
+    if len(values) < 2:
         return float("nan")
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    return statistics.stdev(values) / math.sqrt(len(values))
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -621,9 +620,8 @@ class Demo:
         return rows
 
     def held_out_rewards(self, policy_dir: Path, rows: list[dict]) -> dict[str, list[float]]:
-        """Per-prompt rewards of a policy's greedy answers to held-out prompts: the reward model's score, the task
-        score (IoU of the first box for REC rows, normalised exact match for VQA rows) and PPO's reward, the first
-        plus `ppo.task_reward_weight` times the second."""
+        """Per-prompt scores of a policy's greedy answers to held-out prompts: the reward model's and the task score
+        (IoU of the first box for REC rows, normalised exact match for VQA rows)."""
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         from .eval.runner import score_conversations
@@ -646,9 +644,7 @@ class Demo:
         ious = iou_reward(completions, box=[r["box"] for r in rows], images=[r["images"] for r in rows])
         matches = exact_match_reward(completions, answer=[r["answer"] for r in rows])
         task = [iou if iou is not None else match for iou, match in zip(ious, matches)]
-        weight = self.recipe["ppo"].get("task_reward_weight", 0.0)
-        return {"reward_model": model_scores, "task": task,
-                "reward": [m + weight * t for m, t in zip(model_scores, task)]}
+        return {"reward_model": model_scores, "task": task}
 
     def stage_ppo(self) -> dict:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -685,6 +681,8 @@ class Demo:
         trainer.save_model(str(self.paths.ppo))
         held_out = self._ppo_rows("test", self.recipe["eval"]["n_prompts"])
         sft, ppo = (self.held_out_rewards(folder, held_out) for folder in (self.paths.sft, self.paths.ppo))
+        for scores in (sft, ppo):  # PPO's reward
+            scores["reward"] = [m + task_weight * t for m, t in zip(scores["reward_model"], scores["task"])]
         record = {"history": history, "metrics": self.evaluate(self.paths.ppo), "task_reward_weight": task_weight}
         for key in ("reward", "reward_model", "task"):
             differences = [b - a for a, b in zip(sft[key], ppo[key])]
