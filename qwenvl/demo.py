@@ -666,15 +666,15 @@ class Demo:
             gradient_accumulation_steps=1, num_mini_batches=recipe["num_mini_batches"],
             num_ppo_epochs=recipe["num_ppo_epochs"], total_episodes=recipe["total_episodes"],
             response_length=recipe["response_length"], kl_coef=recipe["kl_coef"], ptx_coef=recipe["ptx_coef"],
-            normalize_scores=recipe.get("normalize_scores", False),
+            normalize_scores=recipe.get("normalize_scores", False), num_generations=recipe.get("num_generations", 1),
             reward_weights=[task_weight, task_weight] if task_weight else None,
             ptx_batch_size=recipe["batch_size"], mixed_precision="bf16" if self.bf16 else "no",
             chat_template_kwargs={"trusted_text": True}, use_cpu=self.device == "cpu",
         )
         trainer = PPOTrainer(config, processor, policy, reward_model=reward_model,
                              reward_fn=[iou_reward, exact_match_reward] if task_weight else None,
-                             # As many prompts as episodes: the split's 20,000 would be decoded for 128 of them.
-                             train_dataset=self._ppo_rows("train", recipe["total_episodes"]),
+                             # The prompts the episodes need: the split's 20,000 would be decoded for 128 of them.
+                             train_dataset=self._ppo_rows("train", recipe["total_episodes"] // config.num_generations),
                              ptx_dataset=self.train_rows(),
                              ptx_collator=QwenVLDataCollator(processor))
         history = trainer.train()

@@ -107,7 +107,7 @@ def test_stage_two_beats_the_untrained_model(demo_dir):
     for task, key in (("rec", "accuracy"), ("vqa", "accuracy"), ("caption", "cider_d")):
         assert sft[task][key] >= untrained[task][key]
     ppo = json.loads((demo_dir / "ppo" / "done.json").read_text())
-    assert ppo["history"]
+    assert [entry["episode"] for entry in ppo["history"]] == [4, 8]  # 2 updates of 2 prompts x 2 responses
     for stage in ("sft", "ppo"):  # PPO's reward: the reward model's score plus the weighted task score
         assert ppo[f"reward_{stage}"] == pytest.approx(
             ppo[f"reward_model_{stage}"] + ppo["task_reward_weight"] * ppo[f"task_{stage}"])

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM
 
-from qwenvl.rl import PPOConfig, PPOTrainer, per_token_values, vision_tower
+from qwenvl.rl import PPOConfig, PPOTrainer, compute_gae, masked_whiten, per_token_values, vision_tower
 from qwenvl.testing import build_tiny_model_and_processor
 
 from conftest import EXAMPLES, load_example
@@ -247,6 +247,49 @@ def test_normalized_scores_become_unit_scale_rewards_and_the_logs_keep_the_raw_s
     assert first.rewards[torch.arange(4), first.response_mask.sum(1) - 1].abs().max() < 2.0
 
 
+def test_several_responses_per_prompt_are_scored_against_their_siblings(tmp_path):
+    policy, processor = build_tiny_model_and_processor(seed=1)
+    config = tiny_config(tmp_path, per_device_train_batch_size=4, num_mini_batches=2, num_generations=4,
+                         total_episodes=16)
+
+    def length_plus_colour_bonus(completions, color, **kwargs):  # the bonus is the prompt's, not the answer's
+        return [len(c[0]["content"]) + (10.0 if name == "red" else 0.0) for c, name in zip(completions, color)]
+
+    trainer = PPOTrainer(config, processor, policy, reward_fn=length_plus_colour_bonus, train_dataset=colour_rows(2))
+    rollout = trainer.generate_rollout(colour_rows(2))
+
+    assert len(rollout) == 8  # 2 prompts x 4 responses, each prompt's responses consecutive with its image
+    prompts = rollout.query_responses[:, : rollout.context_length]
+    assert all(torch.equal(prompts[i], prompts[4 * (i // 4)]) for i in range(8))
+    assert all(torch.equal(rollout.pixel_values[i], rollout.pixel_values[4 * (i // 4)]) for i in range(8))
+    assert not torch.equal(rollout.pixel_values[0], rollout.pixel_values[4])
+    lengths = torch.tensor([float(len(c)) for c in rollout.completions])
+    torch.testing.assert_close(rollout.scores, lengths + torch.tensor([10.0] * 4 + [0.0] * 4))  # logged raw
+    groups = lengths.view(2, 4)
+    centred = (groups - (groups.sum(1, keepdim=True) - groups) / 3).flatten()
+    assert centred.abs().sum() > 0  # the sampled answers differ in length
+    last = rollout.response_mask.sum(1) - 1
+    kl_part = (-config.kl_coef * rollout.kl)[torch.arange(8), last]
+    torch.testing.assert_close(rollout.rewards[torch.arange(8), last], centred + kl_part)
+
+    history = trainer.train()  # 16 responses = 2 updates of 2 prompts x 4 responses
+    assert trainer.num_updates == 2 and [entry["episode"] for entry in history] == [8, 16]
+
+
+@pytest.mark.parametrize("whiten", [True, False])
+def test_advantages_are_gae_of_the_rewards_whitened_unless_switched_off(tmp_path, whiten):
+    policy, processor = build_tiny_model_and_processor(seed=1)
+    config = tiny_config(tmp_path, per_device_train_batch_size=2, num_mini_batches=2, whiten_advantages=whiten)
+    trainer = PPOTrainer(config, processor, policy, reward_fn=make_half_vocab_reward(processor),
+                         train_dataset=colour_rows(4))
+    rollout = trainer.generate_rollout(colour_rows(4))
+
+    gae, returns = compute_gae(rollout.rewards, rollout.values, rollout.response_mask, config.gamma, config.lam)
+    expected = masked_whiten(gae, rollout.response_mask) if whiten else gae
+    torch.testing.assert_close(rollout.advantages, expected)
+    torch.testing.assert_close(rollout.returns, returns)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Pre-training term (PPO-ptx)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -369,6 +412,12 @@ def test_config_rejects_bad_values():
                        total_episodes=100)
     assert config.local_batch_size == 16 and config.batch_size(world_size=2) == 32
     assert config.num_updates(dataset_size=10, world_size=2) == 4
+    grouped = PPOConfig(per_device_train_batch_size=2, gradient_accumulation_steps=4, num_mini_batches=2,
+                        num_generations=4)
+    assert grouped.local_prompt_batch_size == 4 and grouped.local_batch_size == 16
+    assert grouped.num_updates(dataset_size=10) == 3  # 10 prompts x 4 responses in updates of 16
+    with pytest.raises(ValueError, match="num_generations=3 must divide the 4 responses"):
+        PPOConfig(per_device_train_batch_size=2, gradient_accumulation_steps=1, num_mini_batches=2, num_generations=3)
 
 
 def test_trainer_names_the_bad_row_and_field(tmp_path):

@@ -14,6 +14,7 @@ from qwenvl.rl.core import (
     entropy_from_logits,
     first_true_indices,
     kl_penalty,
+    leave_one_out_baseline,
     logprobs_from_logits,
     masked_mean,
     masked_var,
@@ -138,6 +139,21 @@ def test_compute_rewards_rejects_an_empty_response_and_a_misshaped_score():
         compute_rewards(t([1.0, 1.0]), X, X, torch.tensor([[1, 0, 0], [0, 0, 0]]), kl_coef=0.1)
     with pytest.raises(ValueError, match="score must have shape"):
         compute_rewards(t([[1.0], [1.0]]), X, X, MASK, kl_coef=0.1)
+
+
+def test_leave_one_out_baseline_subtracts_the_mean_of_the_other_responses_to_the_same_prompt():
+    scores = t([1.0, 2.0, 6.0, -3.0, -3.0, -3.0])  # two prompts, three responses each
+    centred = leave_one_out_baseline(scores, group_size=3)
+    torch.testing.assert_close(centred, t([1 - 4.0, 2 - 3.5, 6 - 1.5, 0.0, 0.0, 0.0]))
+    # A score shared by every response to a prompt (how hard the prompt is) leaves nothing behind.
+    torch.testing.assert_close(leave_one_out_baseline(scores + t([10.0] * 3 + [-7.0] * 3), 3), centred)
+
+
+def test_leave_one_out_baseline_rejects_groups_that_do_not_fit():
+    with pytest.raises(ValueError, match="at least 2 responses"):
+        leave_one_out_baseline(t([1.0, 2.0]), group_size=1)
+    with pytest.raises(ValueError, match=r"shape \(5,\) do not split into groups of 2"):
+        leave_one_out_baseline(t([1.0] * 5), group_size=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

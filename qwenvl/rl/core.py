@@ -120,6 +120,23 @@ def compute_rewards(
     return rewards, kl
 
 
+def leave_one_out_baseline(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`scores` minus, for each response, the mean score of the other responses to the same prompt (RLOO: Kool et
+    al. 2019; Ahmadian et al. 2024).
+
+    `scores` has shape `(prompts * group_size,)` with each prompt's responses consecutive. What remains says how much
+    better a response is than its siblings, so a prompt on which every answer scores high (a one-word answer under
+    a likelihood reward) no longer looks like a good action; each response's baseline excludes it, so it is unbiased.
+    """
+    if group_size < 2:
+        raise ValueError(f"a leave-one-out baseline needs at least 2 responses per prompt, got {group_size}")
+    if scores.dim() != 1 or scores.size(0) % group_size:
+        raise ValueError(f"scores of shape {tuple(scores.shape)} do not split into groups of {group_size}")
+    groups = scores.view(-1, group_size)
+    others = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).flatten()
+
+
 def _check_right_padded(mask: torch.Tensor) -> None:
     m = mask.bool()
     reopened = m[:, 1:] & ~m[:, :-1]

@@ -13,9 +13,10 @@ class PPOConfig:
     """Hyper-parameters of PPO with a KL penalty and an optional pre-training loss (InstructGPT's PPO-ptx).
 
     Batch sizes follow TRL's former PPO: one *update* samples `local_batch_size = per_device_train_batch_size *
-    gradient_accumulation_steps * num_mini_batches` prompts per process (`batch_size` over all processes), then runs
+    gradient_accumulation_steps * num_mini_batches` responses per process (`batch_size` over all processes): that
+    many prompts, or `1 / num_generations` as many with `num_generations` responses each; then it runs
     `num_ppo_epochs` passes over them, each split into `num_mini_batches` optimiser steps of
-    `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size` rows.
+    `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size` responses.
 
     The PPO defaults (`kl_coef`, `cliprange`, `cliprange_value`, `vf_coef`, `gamma`, `lam`, `num_ppo_epochs`,
     `response_length`, `temperature`) are those of TRL's former `PPOConfig`.
@@ -44,13 +45,19 @@ class PPOConfig:
     local_rollout_forward_batch_size: int = 16
     """Rows per generation / no-grad forward while collecting rollouts (bounds rollout memory)."""
     total_episodes: int | None = None
-    """Prompts sampled over the whole run; `None` means `num_train_epochs` passes over the prompt dataset."""
+    """Responses sampled over the whole run; `None` means `num_train_epochs` passes over the prompt dataset (with
+    `num_generations` responses per prompt)."""
     num_train_epochs: float = 1.0
 
     # Sampling
     response_length: int = 53
     """Maximum number of new tokens per response (`max_new_tokens`)."""
     temperature: float = 0.7
+    num_generations: int = 1
+    """Responses sampled per prompt in a rollout. With more than one, each response's score has the mean score of
+    the prompt's other responses subtracted before anything else (leave-one-out baseline, `core.
+    leave_one_out_baseline`): the advantage then compares answers to the same prompt instead of prompts, which a
+    critic trained for a few updates cannot tell apart. Must divide the per-process batch size."""
     chat_template_kwargs: dict = field(default_factory=dict)
     """Extra chat-template variables for rendering prompts, e.g. `{"trusted_text": True}` when prompts carry grounding
     tags that the SFT data parsed (`<ref>the cat</ref>`)."""
@@ -69,6 +76,10 @@ class PPOConfig:
     kl_target: float = 6.0
     kl_horizon: int = 10000
     whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    """Standardise the advantages of each rollout (TRL's former PPO always did). Whitening gives every rollout unit-
+    scale advantages however little its rewards say: with `num_generations` > 1 and `normalize_scores` the advantages
+    are on a unit scale already, and `False` leaves a prompt whose answers all scored alike with (almost) no push."""
     reward_weights: list[float] | None = None
     """Weight of each reward callable (`PPOTrainer(reward_fn=[...])`, in order) in the score; `None` weighs each 1. A
     reward model's score, when there is one too, is added with weight 1 (its scale is its own `reward_scale`)."""
@@ -102,11 +113,16 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches",
-                    "num_ppo_epochs", "local_rollout_forward_batch_size", "response_length", "logging_steps")
+                    "num_ppo_epochs", "local_rollout_forward_batch_size", "response_length", "logging_steps",
+                    "num_generations")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"PPOConfig.{name} must be a positive integer, got {value!r}")
+        if self.local_batch_size % self.num_generations:
+            raise ValueError(f"PPOConfig.num_generations={self.num_generations} must divide the {self.local_batch_size} "
+                             "responses of one update per process (per_device_train_batch_size x "
+                             "gradient_accumulation_steps x num_mini_batches)")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"PPOConfig.kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r} "
                              f"(core.kl_penalty also knows {KL_ESTIMATORS})")
@@ -137,16 +153,22 @@ class PPOConfig:
 
     @property
     def local_batch_size(self) -> int:
-        """Prompts rolled out per update on one process."""
+        """Responses rolled out per update on one process."""
         return self.local_mini_batch_size * self.num_mini_batches
 
+    @property
+    def local_prompt_batch_size(self) -> int:
+        """Prompts rolled out per update on one process (each sampled `num_generations` times)."""
+        return self.local_batch_size // self.num_generations
+
     def batch_size(self, world_size: int = 1) -> int:
-        """Prompts rolled out per update over all processes."""
+        """Responses rolled out per update over all processes."""
         return self.local_batch_size * world_size
 
     def num_updates(self, dataset_size: int, world_size: int = 1) -> int:
-        """PPO updates of the run: `total_episodes` (or the epochs over the dataset) divided by the batch size."""
-        episodes = self.total_episodes or int(self.num_train_epochs * dataset_size)
+        """PPO updates of the run: `total_episodes` (or the epochs over the dataset's prompts, `num_generations`
+        responses each) divided by the batch size."""
+        episodes = self.total_episodes or int(self.num_train_epochs * dataset_size) * self.num_generations
         return max(1, math.ceil(episodes / self.batch_size(world_size)))
 
 

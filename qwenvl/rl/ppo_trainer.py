@@ -10,8 +10,9 @@ that API (`PPOConfig`, `PPOTrainer(...).train()`, `save_model`) and adds both. O
    re-encodes there to get gradients). Responses are sampled at `temperature` (image tags excluded), cut after the
    first stop token, and scored by the reward model (at the last response token) or by reward functions.
 2. *Advantages.* Per-token rewards `-kl_coef * KL(policy || reference)` (k1 or k3) with the score (minus the
-   missing-EOS penalty, optionally standardised by its running moments) on the last token, optional reward
-   whitening, GAE, whitened advantages.
+   missing-EOS penalty; with `num_generations` > 1 less the mean of the prompt's other responses' scores; optionally
+   standardised by its running moments) on the last token, optional reward whitening, GAE, whitened advantages
+   (`whiten_advantages`).
 3. *PPO epochs.* `num_ppo_epochs` shuffled passes in minibatches: clipped policy surrogate + `vf_coef` x clipped
    value loss + `ptx_coef` x the language-modelling loss of one batch of the pre-training (SFT) data.
 
@@ -47,6 +48,7 @@ from .core import (
     compute_gae,
     compute_rewards,
     entropy_from_logits,
+    leave_one_out_baseline,
     logprobs_from_logits,
     masked_mean,
     masked_whiten,
@@ -297,15 +299,16 @@ class PPOTrainer:
 
         # Data
         world_size = self.accelerator.num_processes
-        if len(train_dataset) < config.batch_size(world_size):
+        prompts_per_update = config.local_prompt_batch_size * world_size
+        if len(train_dataset) < prompts_per_update:
             raise ValueError(
-                f"train_dataset has {len(train_dataset)} rows, fewer than the {config.batch_size(world_size)} prompts "
-                "of one update (per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches x "
-                "processes)"
+                f"train_dataset has {len(train_dataset)} rows, fewer than the {prompts_per_update} prompts of one "
+                "update (per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches x processes "
+                "/ num_generations)"
             )
         self.num_updates = config.num_updates(len(train_dataset), world_size)
         prompt_loader = DataLoader(
-            range(len(train_dataset)), batch_size=config.local_batch_size, shuffle=True, drop_last=True,
+            range(len(train_dataset)), batch_size=config.local_prompt_batch_size, shuffle=True, drop_last=True,
             collate_fn=list,
         )
         ptx_loader = None
@@ -535,9 +538,12 @@ class PPOTrainer:
 
     @torch.no_grad()
     def generate_rollout(self, rows: list[dict[str, Any]], indices: list[int] | None = None) -> Rollout:
-        """Sample responses for `rows` (prompt dataset rows) and compute log-probs, values, scores and advantages."""
+        """Sample `num_generations` responses for each of `rows` (prompt dataset rows; a prompt's responses are
+        consecutive rows of the rollout) and compute log-probs, values, scores and advantages."""
         config, device = self.config, self.accelerator.device
         indices = list(range(len(rows))) if indices is None else indices
+        rows = [row for row in rows for _ in range(config.num_generations)]
+        indices = [index for index in indices for _ in range(config.num_generations)]
         inputs, messages, image_counts = self._encode_prompts(rows, indices)
         prompt_ids = inputs["input_ids"].to(device)
         prompt_mask = inputs["attention_mask"].to(device)
@@ -611,16 +617,19 @@ class PPOTrainer:
 
         # Advantages
         reward_scores = scores  # `Rollout.scores` stays on the reward model's scale, for the logs
+        if config.num_generations > 1:
+            reward_scores = leave_one_out_baseline(scores, config.num_generations)
         if config.normalize_scores:
-            self.score_moments.update(self.accelerator.gather(scores))
-            reward_scores = self.score_moments.normalize(scores)
+            self.score_moments.update(self.accelerator.gather(reward_scores))
+            reward_scores = self.score_moments.normalize(reward_scores)
         rewards, kl = compute_rewards(
             reward_scores, logprobs, ref_logprobs, response_mask, self.kl_ctl.value, config.kl_estimator
         )
         if config.whiten_rewards:
             rewards = masked_whiten(rewards, response_mask, shift_mean=False)
         advantages, returns = compute_gae(rewards, values, response_mask, config.gamma, config.lam)
-        advantages = masked_whiten(advantages, response_mask)
+        if config.whiten_advantages:
+            advantages = masked_whiten(advantages, response_mask)
 
         kept = {name: features.get(name) if _is_frozen(vision_tower(model)) else None
                 for name, model in (("policy", policy), ("value", self.value_model))}
@@ -725,7 +734,8 @@ class PPOTrainer:
         }
 
     def step(self, rows: list[dict[str, Any]], indices: list[int] | None = None) -> dict[str, float]:
-        """One PPO update on `rows` (this process's prompts): rollout, PPO epochs, KL controller, LR schedule."""
+        """One PPO update on `rows` (this process's prompts, `num_generations` responses each): rollout, PPO epochs,
+        KL controller, LR schedule."""
         rollout = self.generate_rollout(rows, indices)
         stats = {**self._rollout_stats(rollout), **self._ppo_epochs(rollout)}
         reduced = {}
@@ -733,7 +743,7 @@ class PPOTrainer:
             value = value.to(self.accelerator.device, torch.float32)
             op = "sum" if key == "val/num_eos_tokens" else "mean"
             reduced[key] = float(self.accelerator.reduce(value, reduction=op))
-        batch_size = len(rows) * self.accelerator.num_processes
+        batch_size = len(rollout) * self.accelerator.num_processes  # responses
         reduced["kl_coef"] = float(self.kl_ctl.value)
         self.kl_ctl.update(reduced["objective/kl"], batch_size)
         reduced["lr"] = self.lr_scheduler.get_last_lr()[0]
