@@ -6,7 +6,8 @@ e.g. the output of `examples/reward.py`; the critic starts as its copy) or the p
 `qwenvl.rl.rewards` (IoU of the first `<box>` against the row's `box`, exact match against its `answer`), or both
 (`--task_rewards`: the reward model's score plus the programmatic rewards, weighted by `--reward_weights`). With
 `--ptx_coef > 0` each policy loss also gets the language-modelling loss of one batch of `--ptx_data_path` (SFT rows,
-e.g. an original finetune JSON), InstructGPT's PPO-ptx. The policy is saved hub-ready in `--output_dir`.
+e.g. an original finetune JSON), InstructGPT's PPO-ptx. `--num_generations K` samples K responses per prompt and
+scores each against the mean of the others (leave-one-out baseline). The policy is saved hub-ready in `--output_dir`.
 
 Prompt rows (JSON/JSONL, a saved dataset or a Hub dataset): `image` or `images` (paths relative to the file),
 `prompt` (user text or messages), and the reward columns (`box` in pixels, `answer`); e.g. the `<split>_ppo.jsonl`
