@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from collections.abc import Callable
 
 import numpy as np
@@ -982,6 +983,15 @@ class QwenVLForSequenceClassification(QwenVLPreTrainedModel):
         )
 
 
+@dataclass
+class LikelihoodRewardOutput(SequenceClassifierOutputWithPast):
+    """`QwenVLForLikelihoodReward`'s outputs: those of a one-label sequence classifier plus `token_rewards`, of shape
+    `(batch, seq_len)`: each scored token's share of the reward (`reward_scale * log p(token)`) at its position, 0
+    elsewhere; a row sums to its `logits` (up to rounding). PPO can credit each sampled token with its own share (`dense_rewards`)."""
+
+    token_rewards: torch.FloatTensor | None = None
+
+
 class QwenVLForLikelihoodReward(QwenVLPreTrainedModel):
     """A reward model that scores a reply by its log-likelihood under a fine-tuned copy of the policy.
 
@@ -1039,7 +1049,7 @@ class QwenVLForLikelihoodReward(QwenVLPreTrainedModel):
         image_features: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> SequenceClassifierOutputWithPast:
+    ) -> LikelihoodRewardOutput:
         if input_ids is None:
             raise ValueError("QwenVLForLikelihoodReward scores token ids: pass input_ids")
         kwargs.pop("use_cache", None)
@@ -1054,11 +1064,14 @@ class QwenVLForLikelihoodReward(QwenVLPreTrainedModel):
         targets = input_ids[:, max(first, 1) :]
         token_logps = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         rewards = (token_logps * scored[:, max(first, 1) :]).sum(-1, keepdim=True) * self.config.reward_scale
+        token_rewards = torch.zeros(input_ids.shape, dtype=token_logps.dtype, device=token_logps.device)
+        token_rewards[:, max(first, 1) :] = token_logps * scored[:, max(first, 1) :] * self.config.reward_scale
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=rewards, labels=labels, pooled_logits=rewards, config=self.config)
-        return SequenceClassifierOutputWithPast(
-            loss=loss, logits=rewards, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        return LikelihoodRewardOutput(
+            loss=loss, logits=rewards, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            token_rewards=token_rewards,
         )
 
 

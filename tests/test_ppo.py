@@ -209,6 +209,32 @@ def test_a_likelihood_reward_model_scores_rollouts_and_the_critic_comes_from_the
     torch.testing.assert_close(rollout.scores, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_dense_rewards_put_each_tokens_share_of_the_score_on_that_token(tmp_path):
+    policy, processor, reward_model = policy_and_likelihood_reward_model(tmp_path)
+    config = tiny_config(tmp_path, per_device_train_batch_size=2, response_length=6, dense_rewards=True,
+                         normalize_scores=True)
+    trainer = PPOTrainer(config, processor, policy, reward_model=reward_model, train_dataset=mixed_rows())
+    rows = mixed_rows()
+    trainer.generate_rollout(rows)  # the running moments see a first batch
+    rollout = trainer.generate_rollout(rows)
+    std = trainer.score_moments.std  # of both batches' scores, as this rollout's rewards used
+
+    kl_part = -config.kl_coef * rollout.kl
+    score_part = (rollout.rewards - kl_part).double()
+    # The return is unchanged: the standardised score.
+    torch.testing.assert_close(score_part.sum(1), trainer.score_moments.normalize(rollout.scores).double(),
+                               atol=1e-4, rtol=1e-4)
+    for i, row in enumerate(rows):  # every token but the last carries its own scaled log-likelihood
+        ids, extra, response = row_alone(trainer, processor, rollout, row, i)
+        with torch.no_grad():
+            logits = trainer.ref_policy(input_ids=ids, **extra).logits[0, -len(response) - 1 : -1]
+        shares = 0.5 * torch.log_softmax(logits.float(), -1).gather(-1, response[:, None]).squeeze(-1) / std
+        torch.testing.assert_close(score_part[i, : len(response) - 1], shares[:-1].double(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="dense_rewards=True spreads a reward model's score"):
+        PPOTrainer(config, processor, policy, reward_fn=lambda completions, **kw: [0.0] * len(completions),
+                   train_dataset=mixed_rows())
+
+
 def test_a_reward_model_and_weighted_reward_callables_add_up_to_the_score(tmp_path):
     policy, processor, reward_model = policy_and_likelihood_reward_model(tmp_path)
 

@@ -187,9 +187,14 @@ def test_likelihood_reward_is_the_scaled_log_likelihood_of_the_last_turn(tmp_pat
     images = [r["images"] for r in rows for _ in range(2)]
     batch = processor(text=texts, images=images, padding=True, padding_side=padding_side, return_tensors="pt")
     with torch.no_grad():
-        rewards = model(**batch).logits
+        output = model(**batch)
+    rewards = output.logits
 
     assert rewards.shape == (4, 1)
+    # Each scored token's share sits at its position, nothing anywhere else, and the shares add up to the reward.
+    assert output.token_rewards.shape == batch["input_ids"].shape
+    torch.testing.assert_close(output.token_rewards.sum(-1), rewards[:, 0], atol=1e-4, rtol=1e-5)
+    assert not output.token_rewards[~model.reply_mask(batch["input_ids"], batch["attention_mask"])].any()
     start = processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
     for i, (text, image) in enumerate(zip(texts, images)):
         alone = processor(text=[text], images=[image], return_tensors="pt")
@@ -198,6 +203,8 @@ def test_likelihood_reward_is_the_scaled_log_likelihood_of_the_last_turn(tmp_pat
         with torch.no_grad():
             logps = torch.log_softmax(sft(**alone).logits[0, :-1], -1).gather(-1, ids[1:, None]).squeeze(-1)
         torch.testing.assert_close(rewards[i, 0], 0.5 * logps[first - 1 :].sum(), atol=1e-4, rtol=1e-4)
+        scored = output.token_rewards[i][batch["attention_mask"][i].bool()][first:]
+        torch.testing.assert_close(scored, 0.5 * logps[first - 1 :], atol=1e-4, rtol=1e-4)
 
 
 def test_likelihood_reward_model_needs_the_reply_start_token(tmp_path):

@@ -76,6 +76,12 @@ class PPOConfig:
     kl_target: float = 6.0
     kl_horizon: int = 10000
     whiten_rewards: bool = False
+    dense_rewards: bool = False
+    """Credit each response token with its own share of the reward model's score instead of putting the whole score on
+    the last token. Needs a reward model that returns `token_rewards` (`QwenVLForLikelihoodReward`: `reward_scale x`
+    the token's log-likelihood). A response's return is unchanged (the rest of its score, reward callables' and
+    penalties included, stays on the last token); what changes is that GAE credits a token mostly for its own
+    likelihood rather than for its whole answer's, e.g. one unlikely box digit rather than the other nineteen."""
     whiten_advantages: bool = True
     """Standardise the advantages of each rollout (TRL's former PPO always did). Whitening gives every rollout unit-
     scale advantages however little its rewards say: with `num_generations` > 1 and `normalize_scores` the advantages

@@ -11,7 +11,8 @@ that API (`PPOConfig`, `PPOTrainer(...).train()`, `save_model`) and adds both. O
    first stop token, and scored by the reward model (at the last response token) or by reward functions.
 2. *Advantages.* Per-token rewards `-kl_coef * KL(policy || reference)` (k1 or k3) with the score (minus the
    missing-EOS penalty; with `num_generations` > 1 less the mean of the prompt's other responses' scores; optionally
-   standardised by its running moments) on the last token, optional reward whitening, GAE, whitened advantages
+   standardised by its running moments) on the last token, or, with `dense_rewards`, each token's share of a
+   likelihood reward model's score on that token; optional reward whitening, GAE, whitened advantages
    (`whiten_advantages`).
 3. *PPO epochs.* `num_ppo_epochs` shuffled passes in minibatches: clipped policy surrogate + `vf_coef` x clipped
    value loss + `ptx_coef` x the language-modelling loss of one batch of the pre-training (SFT) data.
@@ -221,6 +222,9 @@ class PPOTrainer:
             raise ValueError("ref_policy must not be the policy itself; leave it None to get a frozen copy")
         if config.ptx_coef > 0 and ptx_dataset is None:
             raise ValueError(f"ptx_coef={config.ptx_coef} needs a ptx_dataset (pre-training / SFT rows)")
+        if config.dense_rewards and reward_model is None:
+            raise ValueError("dense_rewards=True spreads a reward model's score over the tokens: pass a reward_model "
+                             "that returns token_rewards (QwenVLForLikelihoodReward)")
         if reward_model is not None and getattr(reward_model.config, "num_labels", None) != 1:
             raise ValueError(f"reward_model must have num_labels=1, got {reward_model.config.num_labels}")
 
@@ -579,7 +583,7 @@ class PPOTrainer:
 
         # Forwards: policy and reference log-probs, values, reward-model scores
         self.model.train()
-        logprobs, ref_logprobs, values, scores = [], [], [], []
+        logprobs, ref_logprobs, values, scores, token_rewards = [], [], [], [], []
         with self.accelerator.autocast():
             for start in range(0, len(rows), chunk):
                 part = batch_rows[start : start + chunk]
@@ -600,7 +604,14 @@ class PPOTrainer:
                 ref_logprobs.append(self._response_logprobs(ref_logits, responses[part])[0])
                 if self.reward_model is not None:
                     reward_inputs = {**base, **self._image_inputs("reward", features, pixel_values, counts, part)}
-                    scores.append(self.reward_model(**reward_inputs, use_cache=False).logits[:, 0].float())
+                    scored = self.reward_model(**reward_inputs, use_cache=False)
+                    scores.append(scored.logits[:, 0].float())
+                    if config.dense_rewards:
+                        if scored.get("token_rewards") is None:
+                            raise ValueError(f"dense_rewards=True needs token_rewards from the reward model; "
+                                             f"{type(self.reward_model).__name__} returns none "
+                                             "(QwenVLForLikelihoodReward does)")
+                        token_rewards.append(scored.token_rewards[:, context_length:].float())
         logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
 
         response_lists = [r[m.bool()].tolist() for r, m in zip(responses, response_mask)]
@@ -622,9 +633,17 @@ class PPOTrainer:
         if config.normalize_scores:
             self.score_moments.update(self.accelerator.gather(reward_scores))
             reward_scores = self.score_moments.normalize(reward_scores)
+        dense = None
+        if config.dense_rewards:  # each token's share on the token, the rest of the score on the last one
+            dense = torch.cat(token_rewards) * response_mask
+            if config.normalize_scores:
+                dense = dense / self.score_moments.std
+            reward_scores = reward_scores - dense.sum(1)
         rewards, kl = compute_rewards(
             reward_scores, logprobs, ref_logprobs, response_mask, self.kl_ctl.value, config.kl_estimator
         )
+        if dense is not None:
+            rewards = rewards + dense
         if config.whiten_rewards:
             rewards = masked_whiten(rewards, response_mask, shift_mean=False)
         advantages, returns = compute_gae(rewards, values, response_mask, config.gamma, config.lam)
