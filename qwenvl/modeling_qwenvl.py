@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -987,7 +987,8 @@ class QwenVLForSequenceClassification(QwenVLPreTrainedModel):
 class LikelihoodRewardOutput(SequenceClassifierOutputWithPast):
     """`QwenVLForLikelihoodReward`'s outputs: those of a one-label sequence classifier plus `token_rewards`, of shape
     `(batch, seq_len)`: each scored token's share of the reward (`reward_scale * log p(token)`) at its position, 0
-    elsewhere; a row sums to its `logits` (up to rounding). PPO can credit each sampled token with its own share (`dense_rewards`)."""
+    elsewhere; a row sums to its `logits` (up to rounding). PPO can credit each sampled token with its own share
+    (`PPOConfig.dense_rewards`)."""
 
     token_rewards: torch.FloatTensor | None = None
 

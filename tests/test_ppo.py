@@ -233,6 +233,9 @@ def test_dense_rewards_put_each_tokens_share_of_the_score_on_that_token(tmp_path
     with pytest.raises(ValueError, match="dense_rewards=True spreads a reward model's score"):
         PPOTrainer(config, processor, policy, reward_fn=lambda completions, **kw: [0.0] * len(completions),
                    train_dataset=mixed_rows())
+    score_head, _ = build_tiny_model_and_processor(seed=2, reward_model=True)  # one score, no per-token shares
+    with pytest.raises(ValueError, match="needs token_rewards from the reward model; QwenVLForSequenceClassification"):
+        PPOTrainer(config, processor, policy, reward_model=score_head, train_dataset=mixed_rows()).generate_rollout(rows)
 
 
 def test_a_reward_model_and_weighted_reward_callables_add_up_to_the_score(tmp_path):
