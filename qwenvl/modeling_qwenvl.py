@@ -1064,9 +1064,10 @@ class QwenVLForLikelihoodReward(QwenVLPreTrainedModel):
         logits = self.lm_head(outputs.last_hidden_state[:, max(first - 1, 0) : -1])
         targets = input_ids[:, max(first, 1) :]
         token_logps = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        rewards = (token_logps * scored[:, max(first, 1) :]).sum(-1, keepdim=True) * self.config.reward_scale
+        scored_logps = token_logps * scored[:, max(first, 1) :]
+        rewards = scored_logps.sum(-1, keepdim=True) * self.config.reward_scale
         token_rewards = torch.zeros(input_ids.shape, dtype=token_logps.dtype, device=token_logps.device)
-        token_rewards[:, max(first, 1) :] = token_logps * scored[:, max(first, 1) :] * self.config.reward_scale
+        token_rewards[:, max(first, 1) :] = scored_logps * self.config.reward_scale
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=rewards, labels=labels, pooled_logits=rewards, config=self.config)

@@ -285,8 +285,14 @@ def test_several_responses_per_prompt_are_scored_against_their_siblings(tmp_path
         return [len(c[0]["content"]) + (10.0 if name == "red" else 0.0) for c, name in zip(completions, color)]
 
     trainer = PPOTrainer(config, processor, policy, reward_fn=length_plus_colour_bonus, train_dataset=colour_rows(2))
+    encoded = []  # images per vision-tower call
+    hooks = [vision_tower(model).register_forward_hook(lambda module, args, output: encoded.append(len(args[0])))
+             for model in (trainer.policy, trainer.ref_policy, trainer.value_model)]
     rollout = trainer.generate_rollout(colour_rows(2))
+    for hook in hooks:
+        hook.remove()
 
+    assert encoded and set(encoded) == {2}  # each prompt's image is encoded once, not once per response
     assert len(rollout) == 8  # 2 prompts x 4 responses, each prompt's responses consecutive with its image
     prompts = rollout.query_responses[:, : rollout.context_length]
     assert all(torch.equal(prompts[i], prompts[4 * (i // 4)]) for i in range(8))

@@ -496,8 +496,11 @@ class PPOTrainer:
         return {"pixel_values": pixel_values[index]}
 
     @torch.no_grad()
-    def _encode_images(self, pixel_values: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
-        """Each vision tower's features for the rollout batch, encoded once and shared where towers are equal."""
+    def _encode_images(
+        self, pixel_values: torch.Tensor | None, image_index: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor | None]:
+        """Each vision tower's features for the rollout batch, encoded once and shared where towers are equal.
+        `image_index` picks (and repeats) the result's rows, e.g. a prompt's images once per response."""
         features: dict[str, torch.Tensor | None] = {}
         if pixel_values is None:
             return features
@@ -505,11 +508,13 @@ class PPOTrainer:
         for name, source in self._feature_source.items():
             if source != name:
                 features[name] = features[source]
-            elif name == "ref" and self.ref_policy is None:
+                continue
+            if name == "ref" and self.ref_policy is None:
                 with self.policy.disable_adapter():
-                    features[name] = vision_tower(self.policy)(pixel_values)
+                    encoded = vision_tower(self.policy)(pixel_values)
             else:
-                features[name] = vision_tower(models[name])(pixel_values)
+                encoded = vision_tower(models[name])(pixel_values)
+            features[name] = encoded if image_index is None else encoded[image_index]
         return features
 
     def _score_with_functions(
@@ -546,14 +551,20 @@ class PPOTrainer:
         consecutive rows of the rollout) and compute log-probs, values, scores and advantages."""
         config, device = self.config, self.accelerator.device
         indices = list(range(len(rows))) if indices is None else indices
-        rows = [row for row in rows for _ in range(config.num_generations)]
-        indices = [index for index in indices for _ in range(config.num_generations)]
         inputs, messages, image_counts = self._encode_prompts(rows, indices)
-        prompt_ids = inputs["input_ids"].to(device)
-        prompt_mask = inputs["attention_mask"].to(device)
-        pixel_values = inputs["pixel_values"].to(device) if "pixel_values" in inputs else None
-        counts = torch.tensor(image_counts)
-        features = self._encode_images(pixel_values)
+        # Each prompt is rendered and its images encoded once, then repeated for its `num_generations` responses.
+        prompt_of_row = torch.arange(len(rows)).repeat_interleave(config.num_generations)
+        rows = [rows[i] for i in prompt_of_row.tolist()]
+        messages = [messages[i] for i in prompt_of_row.tolist()]
+        prompt_ids = inputs["input_ids"][prompt_of_row].to(device)
+        prompt_mask = inputs["attention_mask"][prompt_of_row].to(device)
+        pixel_values, features = None, {}
+        if "pixel_values" in inputs:
+            image_index = _image_rows(torch.tensor(image_counts), prompt_of_row).to(device)
+            unique_pixel_values = inputs["pixel_values"].to(device)
+            pixel_values = unique_pixel_values[image_index]
+            features = self._encode_images(unique_pixel_values, image_index)
+        counts = torch.tensor(image_counts)[prompt_of_row]
         context_length = prompt_ids.size(1)
         chunk = config.local_rollout_forward_batch_size
         batch_rows = torch.arange(len(rows))
