@@ -196,7 +196,7 @@ class Demo:
         self.seed = seed
         self.device = device
         # bf16=True: every stage under bf16 autocast. Otherwise stage 2's recipe decides (`bf16`, `compile`), the only
-        # stage whose steps run faster that way (README, demo findings); the vision stage's run slower in bf16.
+        # stage whose steps run faster that way (docs/findings.md); the vision stage's run slower in bf16.
         self.bf16 = bool(bf16)
         warning = slow_bf16_warning(device) if self.bf16 else None
         if warning:
@@ -278,7 +278,7 @@ class Demo:
         coordinates; every image token (the adapter's output, what the LLM reads) predicts the same for the object
         covering most of its grid cell. Both heads are linear and thrown away afterwards. The token targets matter:
         trained on patches only, the object class was linearly decodable from 80 % of a cell's patches but from 71 %
-        of its image token before stage 2 and 13 % after it (README, the demo findings). With the recipe's
+        of its image token before stage 2 and 13 % after it (docs/findings.md). With the recipe's
         `coordinate_digits` the heads also classify the hundreds and tens digit of each box coordinate, the characters
         `<box>` writes: the LLM then copies digits it can read off linearly instead of turning a regressed coordinate
         into digits, and an image token that mixes two objects still votes for whole digits (REC 0.58 -> 0.71, answer
@@ -465,7 +465,7 @@ class Demo:
         steps), while steps on REC rows alone take it up (0.41 -> 0.51 after 800, 0.66 after 1600) and cost VQA and
         captions; VQA rows alone do the same for questions that mixed training leaves at chance (colour 0.67 -> 0.84,
         position 0.50 -> 0.68 in 300 steps), and rows of position questions alone for those (0.62 -> 0.94); 400 steps
-        on every task afterwards bring the rest back and keep the gains (README, the demo findings). The later
+        on every task afterwards bring the rest back and keep the gains (docs/findings.md). The later
         phases' steps continue the step axis of the losses.
         """
         from .train import QwenVLDataCollator
@@ -524,7 +524,7 @@ class Demo:
         default, SDPA). With compiled blocks on a CPU "eager" is the faster one at the demo's lengths: inductor fuses
         its masked softmax with the matmuls, while the CPU flash kernel's backward is slow for 4 heads of 48 over ~150
         tokens (12.5 against 20.3 ms per layer, forward and backward; a stage-2 step 168 against 203 ms on the AMD Zen 4
-        host; README, the demo findings). Checked by `run` before any stage."""
+        host; docs/findings.md). Checked by `run` before any stage."""
         implementation = recipe.get("attn_implementation")
         if implementation is None:
             return {}
@@ -580,7 +580,7 @@ class Demo:
         recipe = self.recipe["reward"]
         processor = self.processor(self.paths.sft)
         # The SFT model's own likelihood of a reply, sharpened by the pairwise loss: a score head on the last token
-        # stayed at chance on these pairs (0.50-0.63 held out after 300-3000 steps at LR 1e-4 to 1e-3; README).
+        # stayed at chance on these pairs (0.50-0.63 held out after 300-3000 steps at LR 1e-4 to 1e-3; docs/findings.md).
         model = QwenVLForLikelihoodReward.from_pretrained(
             self.paths.sft, dtype=torch.float32, reward_scale=recipe["reward_scale"],
             reply_start_token_id=processor.tokenizer.convert_tokens_to_ids("<|im_start|>"),
@@ -595,7 +595,7 @@ class Demo:
         )
         held_out_pairs = self.paths.data / "test_preference.jsonl"
         n_pairs = self.recipe["eval"]["n_pairs"]
-        # What the pairwise steps add over the SFT model's own likelihood, which already ranks most pairs (README).
+        # What the pairwise steps add over the SFT model's own likelihood, which already ranks most pairs (docs/findings.md).
         before = evaluate_reward_model(model.eval(), processor, held_out_pairs, limit=n_pairs)
         collator = QwenVLPreferenceCollator(processor, chat_template_kwargs={"trusted_text": True})
         # The pairs the steps will see, not all 20,000 of the split (each image decoded and stored in an Arrow table).
@@ -658,7 +658,7 @@ class Demo:
         policy = AutoModelForCausalLM.from_pretrained(self.paths.sft, trust_remote_code=True, dtype=torch.float32)
         reward_model = AutoModelForSequenceClassification.from_pretrained(self.paths.reward, trust_remote_code=True,
                                                                           dtype=torch.float32)
-        # Task correctness on top of the reward model: its preference pairs only approximate it (README, PPO).
+        # Task correctness on top of the reward model: its preference pairs only approximate it (README and docs/findings.md, PPO).
         task_weight = recipe.get("task_reward_weight", 0.0)
         config = PPOConfig(
             output_dir=str(self.paths.ppo / "trainer"), seed=self.seed, learning_rate=recipe["learning_rate"],

@@ -1001,7 +1001,7 @@ class QwenVLForLikelihoodReward(QwenVLPreTrainedModel):
     `<|im_end|>` included, identical for every reply to a prompt). Initialised from the SFT model it starts with what
     the policy already knows about the image and a pairwise ranking loss (`QwenVLRewardTrainer`) sharpens it; a
     score head on the last token of the same model must learn to check an answer against the image from the
-    preference pairs alone, and on the demo's pairs it stayed at chance (README, demo findings).
+    preference pairs alone, and on the demo's pairs it stayed at chance (docs/findings.md).
 
     Same weights as `QwenVLForConditionalGeneration` (an SFT folder loads as is) and the same outputs as
     `QwenVLForSequenceClassification` with `num_labels=1` (`logits` of shape (batch, 1)), so the reward trainer,

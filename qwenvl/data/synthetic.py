@@ -529,7 +529,7 @@ def drill_sample(scene: Scene, qtype: str, questions: int, id_prefix: str | None
     several turns asks about one absent category (answer "0") among them, at a random turn.
 
     Mixed among the other types a kind of question can stay unlearnt: position questions are ~19 % of the demo's
-    training VQA turns, and every stage-2 model answered them at chance until a phase on them alone (README,
+    training VQA turns, and every stage-2 model answered them at chance until a phase on them alone (docs/findings.md,
     "Phases on VQA rows and on position questions"); these rows are that phase's data.
     """
     candidates = _vqa_candidates(scene)
@@ -616,7 +616,7 @@ def patch_targets(scene: Mapping[str, Any], grid: int) -> tuple[np.ndarray, np.n
     the background index; and `boxes` (grid², 4, float32): for object patches, that object's box (x1, y1, x2, y2) as
     fractions of the image side (0 for background patches). They stand in for the supervision a real vision encoder
     gets in its own pre-training: what is where, to the pixel. The box is absolute, not relative to the patch, so an
-    image token holds the coordinates the LLM writes in `<box>` (relative edges: REC 0.12 vs 0.22; README, demo).
+    image token holds the coordinates the LLM writes in `<box>` (relative edges: REC 0.12 vs 0.22; docs/findings.md).
     """
     if not isinstance(grid, int) or grid < 1:
         raise ValueError(f"grid must be a positive integer, got {grid!r}")

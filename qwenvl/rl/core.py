@@ -267,7 +267,7 @@ class RunningMoments:
 
     PPO uses it to put reward-model scores on a unit scale before they become returns, so that a critic starting at 0
     does not spend its updates chasing the scores' offset (the demo's likelihood reward model scores about -22: value
-    loss ~135 raw, ~0.15 standardised; README).
+    loss ~135 raw, ~0.15 standardised; docs/findings.md).
     """
 
     def __init__(self, eps: float = 1e-8):
