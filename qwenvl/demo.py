@@ -580,7 +580,8 @@ class Demo:
         recipe = self.recipe["reward"]
         processor = self.processor(self.paths.sft)
         # The SFT model's own likelihood of a reply, sharpened by the pairwise loss: a score head on the last token
-        # stayed at chance on these pairs (0.50-0.63 held out after 300-3000 steps at LR 1e-4 to 1e-3; docs/findings.md).
+        # stayed at chance on these pairs (0.50-0.63 held out after 300-3000 steps at LR 1e-4 to 1e-3;
+        # docs/findings.md).
         model = QwenVLForLikelihoodReward.from_pretrained(
             self.paths.sft, dtype=torch.float32, reward_scale=recipe["reward_scale"],
             reply_start_token_id=processor.tokenizer.convert_tokens_to_ids("<|im_start|>"),
@@ -595,7 +596,8 @@ class Demo:
         )
         held_out_pairs = self.paths.data / "test_preference.jsonl"
         n_pairs = self.recipe["eval"]["n_pairs"]
-        # What the pairwise steps add over the SFT model's own likelihood, which already ranks most pairs (docs/findings.md).
+        # What the pairwise steps add over the SFT model's own likelihood, which already ranks most pairs
+        # (docs/findings.md).
         before = evaluate_reward_model(model.eval(), processor, held_out_pairs, limit=n_pairs)
         collator = QwenVLPreferenceCollator(processor, chat_template_kwargs={"trusted_text": True})
         # The pairs the steps will see, not all 20,000 of the split (each image decoded and stored in an Arrow table).
@@ -658,7 +660,7 @@ class Demo:
         policy = AutoModelForCausalLM.from_pretrained(self.paths.sft, trust_remote_code=True, dtype=torch.float32)
         reward_model = AutoModelForSequenceClassification.from_pretrained(self.paths.reward, trust_remote_code=True,
                                                                           dtype=torch.float32)
-        # Task correctness on top of the reward model: its preference pairs only approximate it (README and docs/findings.md, PPO).
+        # Task correctness on top of the reward model: its preference pairs only approximate it (docs/findings.md, PPO).
         task_weight = recipe.get("task_reward_weight", 0.0)
         config = PPOConfig(
             output_dir=str(self.paths.ppo / "trainer"), seed=self.seed, learning_rate=recipe["learning_rate"],
