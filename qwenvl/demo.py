@@ -671,7 +671,7 @@ class Demo:
             normalize_scores=recipe.get("normalize_scores", False), num_generations=recipe.get("num_generations", 1),
             dense_rewards=recipe.get("dense_rewards", False),
             reward_weights=[task_weight, task_weight] if task_weight else None,
-            ptx_batch_size=recipe["batch_size"], mixed_precision="bf16" if self.bf16 else "no",
+            ptx_batch_size=recipe["ptx_batch_size"], mixed_precision="bf16" if self.bf16 else "no",
             chat_template_kwargs={"trusted_text": True}, use_cpu=self.device == "cpu",
         )
         trainer = PPOTrainer(config, processor, policy, reward_model=reward_model,
