@@ -621,17 +621,15 @@ class Demo:
                              "answer": row["answer"]})
         return rows
 
-    def held_out_rewards(self, policy_dir: Path, rows: list[dict]) -> dict[str, list[float]]:
-        """Per-prompt scores of a policy's greedy answers to held-out prompts: the reward model's and the task score
+    def held_out_rewards(self, policy_dir: Path, rows: list[dict], reward_model) -> dict[str, list[float]]:
+        """Per-prompt scores of a policy's greedy answers to held-out prompts: `reward_model`'s and the task score
         (IoU of the first box for REC rows, normalised exact match for VQA rows)."""
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+        from transformers import AutoModelForCausalLM
 
         from .eval.runner import score_conversations
         from .rl.rewards import exact_match_reward, iou_reward
 
         policy = AutoModelForCausalLM.from_pretrained(policy_dir, trust_remote_code=True).to(self.device).eval()
-        reward_model = AutoModelForSequenceClassification.from_pretrained(self.paths.reward, trust_remote_code=True)
-        reward_model = reward_model.to(self.device).eval()
         processor = self.processor(policy_dir)
         answers = []
         for start in range(0, len(rows), 16):
@@ -683,7 +681,9 @@ class Demo:
         history = trainer.train()
         trainer.save_model(str(self.paths.ppo))
         held_out = self._ppo_rows("test", self.recipe["eval"]["n_prompts"])
-        sft, ppo = (self.held_out_rewards(folder, held_out) for folder in (self.paths.sft, self.paths.ppo))
+        reward_model.to(self.device).eval()  # PPO leaves it as it was loaded: it scores, it does not train
+        sft, ppo = (self.held_out_rewards(folder, held_out, reward_model)
+                    for folder in (self.paths.sft, self.paths.ppo))
         for scores in (sft, ppo):  # PPO's reward
             scores["reward"] = [m + task_weight * t for m, t in zip(scores["reward_model"], scores["task"])]
         record = {"history": history, "metrics": self.evaluate(self.paths.ppo), "task_reward_weight": task_weight}
