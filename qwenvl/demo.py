@@ -621,9 +621,11 @@ class Demo:
                              "answer": row["answer"]})
         return rows
 
-    def held_out_rewards(self, policy_dir: Path, rows: list[dict], reward_model) -> dict[str, list[float]]:
-        """Per-prompt scores of a policy's greedy answers to held-out prompts: `reward_model`'s and the task score
-        (IoU of the first box for REC rows, normalised exact match for VQA rows)."""
+    def held_out_rewards(self, policy_dir: Path, rows: list[dict], reward_model: torch.nn.Module
+                         ) -> dict[str, list[float]]:
+        """Per-prompt scores of a policy's greedy answers to held-out prompts: `reward_model`'s (in eval mode, on
+        this demo's device) and the task score (IoU of the first box for REC rows, normalised exact match for VQA
+        rows)."""
         from transformers import AutoModelForCausalLM
 
         from .eval.runner import score_conversations
@@ -681,7 +683,7 @@ class Demo:
         history = trainer.train()
         trainer.save_model(str(self.paths.ppo))
         held_out = self._ppo_rows("test", self.recipe["eval"]["n_prompts"])
-        reward_model.to(self.device).eval()  # PPO leaves it as it was loaded: it scores, it does not train
+        reward_model.to(self.device)  # PPOTrainer froze it (eval, no grad) on its accelerator's device
         sft, ppo = (self.held_out_rewards(folder, held_out, reward_model)
                     for folder in (self.paths.sft, self.paths.ppo))
         for scores in (sft, ppo):  # PPO's reward
